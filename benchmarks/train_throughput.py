@@ -1,0 +1,189 @@
+"""Training throughput of llmtrain's Transformer vs HF `LlamaForCausalLM` on CPU, fp32.
+
+One training step = forward + cross-entropy + backward + gradient clipping + AdamW step, on the
+same weights (copied with `llmtrain.hf.to_hf_state_dict`) and the same batches. llmtrain's step is
+the real one: `Trainer.train_step` with the SEQ strategy, llmtrain's AdamW parameter groups and the
+GradClip callback, so the loop's own overhead is measured too. The transformers step is the usual
+hand-written loop around `LlamaForCausalLM`. The two alternate step by step so that background load
+hits both alike; the median step time is reported.
+
+MFU uses the PaLM estimate (Chowdhery et al. 2022, appendix B; nanoGPT's `estimate_mfu`):
+    FLOPs per token = 6 * N + 12 * L * D * T
+with N the parameters that take part in matmuls (every parameter except an untied input
+embedding, i.e. including lm_head) and the second term the attention scores and values
+(counted over the full T x T square, as PaLM does, although half is masked). The peak is
+measured, not nominal: the FLOP/s of a large fp32 matmul on the same threads.
+
+    python benchmarks/train_throughput.py                 # both sizes, 2 threads
+    python benchmarks/train_throughput.py --sizes tiny --steps 20
+"""
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+
+from llmtrain.callbacks.grad_clip import GradClip
+from llmtrain.hardware import Hardware
+from llmtrain.hf import llama_config, to_hf_state_dict
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.transformer import Transformer
+from llmtrain.optim import adamw
+from llmtrain.schedulers import constant
+from llmtrain.strategies.seq import NextToken, shift_labels
+from llmtrain.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Size:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int | None  # None: SwiGLU's default rule, as conf/ uses
+    seq_len: int
+    batch_size: int
+
+
+SIZES = {
+    "tiny": Size(264, 128, 4, 4, 2, None, 128, 16),
+    "small": Size(6400, 512, 8, 8, 2, 1408, 512, 4),
+}
+
+
+def build_models(size: Size) -> tuple[Transformer, nn.Module]:
+    """Our model and an HF Llama twin holding the same weights."""
+    torch.manual_seed(0)
+    ours = Transformer(
+        vocab_size=size.vocab_size,
+        dim=size.dim,
+        n_layers=size.n_layers,
+        attention=functools.partial(GQAttention, n_heads=size.n_heads, n_kv_heads=size.n_kv_heads),
+        ffn=functools.partial(SwiGLU, hidden_dim=size.hidden_dim),
+        max_seq_len=size.seq_len,
+    )
+    cfg = {k: v for k, v in llama_config(ours).items() if k not in ("model_type", "architectures")}
+    config = transformers.LlamaConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    theirs = transformers.LlamaForCausalLM(config)
+    theirs.load_state_dict(to_hf_state_dict(ours), strict=False)  # strict=False: tied lm_head is absent
+    assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    return ours.train(), theirs.train()
+
+
+class OneBatch:
+    """The data interface the Trainer needs; the benchmark hands batches to train_step itself."""
+
+    def num_batches(self) -> int:
+        return 1
+
+
+def llmtrain_step(model: Transformer) -> Callable[[Tensor], float]:
+    """llmtrain's real training step: Trainer.train_step with the SEQ strategy and GradClip."""
+    trainer = Trainer(model=model, strategy=NextToken(), data=OneBatch(),
+                      optimizer=adamw(model.named_parameters(), lr=1e-4, weight_decay=0.0),
+                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32"),
+                      callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
+    trainer._start = time.perf_counter()
+
+    def step(ids_BT: Tensor) -> float:
+        return trainer.train_step([{"input_ids": ids_BT, "labels": ids_BT}])["loss"]
+
+    return step
+
+
+def hf_step(model: nn.Module) -> Callable[[Tensor], float]:
+    """The usual hand-written loop around an HF causal LM, with the same loss and clipping."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step(ids_BT: Tensor) -> float:
+        logits_BTV = model(input_ids=ids_BT).logits
+        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), shift_labels(ids_BT).flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def time_alternating(
+    steps: dict[str, Callable[[Tensor], float]], batches: list[Tensor], warmup: int
+) -> dict[str, float]:
+    """Median seconds per step of each closure, run in turn on the same batches."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, ids_BT in enumerate(batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids_BT)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Achievable fp32 FLOP/s: the median of `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """PaLM estimate 6N + 12 L D T; N counts lm_head but not an untied input embedding."""
+    n_matmul = model.num_params() - (0 if model.tie_embeddings else model.embed.weight.numel())
+    return 6 * n_matmul + 12 * model.n_layers * model.dim * seq_len
+
+
+def run_size(name: str, size: Size, steps: int, warmup: int, peak: float) -> list[str]:
+    ours, theirs = build_models(size)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, size.vocab_size, (size.batch_size, size.seq_len), generator=generator)
+        for _ in range(warmup + steps)
+    ]
+    steps = {"llmtrain": llmtrain_step(ours), "transformers": hf_step(theirs)}
+    seconds = time_alternating(steps, batches, warmup)
+    tokens = size.batch_size * size.seq_len
+    flops = flops_per_token(ours, size.seq_len)
+    rows = [
+        f"| {name} | {impl} | {s * 1e3:.1f} | {tokens / s:,.0f} | {100 * flops * tokens / s / peak:.1f}% |"
+        for impl, s in seconds.items()
+    ]
+    ratio = seconds["transformers"] / seconds["llmtrain"]
+    return rows + [f"| {name} | ratio llmtrain/transformers (tokens/s) | | {ratio:.2f}x | |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print("| size | implementation | step ms (median) | tokens/s | MFU |")
+    print("|---|---|---|---|---|")
+    for name in args.sizes:
+        print("\n".join(run_size(name, SIZES[name], args.steps, args.warmup, peak)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""A rich progress bar with the step's loss, lr and tokens/s."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from llmtrain.callbacks.base import Callback
+
+
+class RichProgress(Callback):
+    """Redraws at most `refresh_per_second`; the last eval metrics stay on the line."""
+
+    def __init__(self, refresh_per_second: float = 4.0) -> None:
+        self.refresh_per_second = refresh_per_second
+        self.progress: Progress | None = None
+        self.eval_text = ""
+
+    def on_train_begin(self, trainer) -> None:
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 refresh_per_second=self.refresh_per_second)
+        self.task = self.progress.add_task("train", total=trainer.total_steps, completed=trainer.step, text="")
+        self.progress.start()
+
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        if "eval/loss" in metrics:
+            self.eval_text = f" eval {metrics['eval/loss']:.3f}"
+            if "eval/accuracy" in metrics:
+                self.eval_text += f" acc {metrics['eval/accuracy']:.1%}"
+        text = (f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+                f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}")
+        self.progress.update(self.task, completed=trainer.step, text=text)
+
+    def on_train_end(self, trainer) -> None:
+        self.progress.stop()

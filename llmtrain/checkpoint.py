@@ -1,0 +1,111 @@
+"""Checkpoints: safetensors weights plus the state needed to resume exactly, written atomically.
+
+Layout of `checkpoints/step_000200/`:
+
+    meta.json           format version, step, epoch, iteration, config hash (written last)
+    model.safetensors   weights (a tied matrix is stored once)
+    resume.pt           optimizer, scheduler, RNG and trainer state; loads with weights_only=True
+    config.yaml         the resolved run config
+
+Every checkpoint is written into a hidden temporary folder that is renamed into place, and then
+`latest` is repointed with an atomic symlink replace: a crash at any moment leaves `latest`
+pointing at a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from llmtrain.hardware import rng_state, set_rng_state
+
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def config_hash(config_yaml: str) -> str:
+    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
+    """Write the trainer's current state to `root/step_N` and point `root/latest` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(trainer.step)
+    tmp = root / f".tmp_{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)                      # debris of a write that was killed
+    tmp.mkdir()
+    save_model(trainer.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "rng": rng_state(), "trainer": trainer.state_dict()}, tmp / "resume.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    meta = {"format_version": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
+            "iteration": trainer.iteration, "config_hash": config_hash(config_yaml), "rope_layout": "half",
+            "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():                          # e.g. resumed from an older checkpoint: keep, never overwrite
+        aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")
+        log.warning("checkpoint %s already exists; moved to %s", final, aside.name)
+        final.rename(aside)
+    tmp.rename(final)
+    _point_latest(root, final.name)
+    return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    link = root / ".latest.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(name)                       # relative: the run directory can be moved
+    os.replace(link, root / "latest")
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step folders (never the one `latest` names)."""
+    latest = (root / "latest").resolve()
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+    for old in steps[:-keep_last]:
+        if old.resolve() != latest:
+            shutil.rmtree(old)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler, trainer counters and RNG from a checkpoint folder."""
+    meta = read_meta(path)
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta['format_version']}, this llmtrain reads {FORMAT_VERSION}")
+    missing, unexpected = load_model(trainer.model, str(path / "model.safetensors"), strict=False,
+                                     device=str(next(trainer.model.parameters()).device))
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not fit the model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    state = torch.load(path / "resume.pt", weights_only=True, map_location="cpu")
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.load_state_dict(state["trainer"])
+    set_rng_state(state["rng"])
+    return meta

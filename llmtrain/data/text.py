@@ -1,0 +1,86 @@
+"""Plain-text pre-training data from local files: .txt (one document per file) or .jsonl ({"text"})."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from llmtrain.data.packing import RowBatches, pack_documents
+
+SUFFIXES = (".txt", ".jsonl")
+
+
+def read_documents(path: Path) -> Iterator[str]:
+    """The documents of one file; a malformed JSONL line is reported as file:line."""
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+        return
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string ({error})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: 'text' must be a string, got {type(text).__name__}")
+            yield text
+
+
+class TextFiles:
+    """Pre-training text from files, packed into rows; the last `eval_fraction` of rows is held out.
+
+    Args:
+        paths: .txt or .jsonl files (relative paths are relative to the launch directory).
+        tokenizer: turns each document into `<bos> ... <eos>` token ids.
+        eval_fraction: share of the packed rows kept for evaluation (at least one row).
+    """
+
+    formats = ("text",)
+
+    def __init__(self, paths: Sequence[str], tokenizer: Any, seq_len: int = 128, batch_size: int = 32,
+                 eval_batch_size: int = 64, eval_fraction: float = 0.05, seed: int = 0) -> None:
+        if not paths:
+            raise ValueError("data.paths is empty: give at least one .txt or .jsonl file")
+        self.paths = [Path(p) for p in paths]
+        for path in self.paths:
+            if path.suffix not in SUFFIXES:
+                raise ValueError(f"data.paths: {path} is not one of {SUFFIXES}")
+            if not path.is_file():
+                raise ValueError(f"data.paths: {path} does not exist")
+        if not 0.0 < eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.batch_size, self.eval_batch_size, self.eval_fraction = batch_size, eval_batch_size, eval_fraction
+
+    def setup(self, format: str) -> None:
+        if format not in self.formats:
+            raise ValueError(f"the strategy consumes '{format}' batches, but data=text ({type(self).__name__}) "
+                             f"serves only {self.formats}")
+        documents = [self.tokenizer.encode(doc, bos=True, eos=True)
+                     for path in self.paths for doc in read_documents(path)]
+        rows_NT = pack_documents(documents, self.seq_len)
+        n_eval = max(1, math.ceil(len(rows_NT) * self.eval_fraction))
+        if len(rows_NT) - n_eval < self.batch_size:
+            raise ValueError(f"data.paths hold {len(rows_NT)} rows of {self.seq_len} tokens: too few for one "
+                             f"training batch of {self.batch_size} after holding out {n_eval}")
+        self.train = RowBatches(rows_NT[:-n_eval], self.batch_size, self.seed)
+        self.eval = RowBatches(rows_NT[-n_eval:], self.eval_batch_size, self.seed)
+
+    def num_batches(self) -> int:
+        return len(self.train)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        return self.train.shuffled(epoch, start)
+
+    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
+        return self.eval.in_order()
+
+    def task_metrics(self, model: Any, device: Any) -> dict[str, float]:
+        return {}                               # free text has no task to score

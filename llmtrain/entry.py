@@ -1,0 +1,129 @@
+"""train(cfg): build every object from its own config node, in dependency order, then fit.
+
+Nothing below receives `cfg`: each object gets its node's keyword arguments, and objects that
+need other objects get them as keyword arguments here (STYLE 2.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from llmtrain.checkpoint import load_checkpoint
+from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
+
+log = logging.getLogger(__name__)
+register_resolvers()          # conf/hydra/default.yaml needs them before @hydra.main composes
+
+
+def command_line_overrides() -> list[str]:
+    """The task overrides this run was started with (empty outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
+    """The config a checkpoint was written with, plus the overrides given now (e.g. a longer max_steps).
+
+    Resuming from the snapshot, not from today's conf/ files, is what makes resume exact.
+    """
+    saved = OmegaConf.create((checkpoint / "config.yaml").read_text())
+    for override in command_line_overrides():
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in ("resume", "paths.output_dir") or key.startswith("hydra."):
+            continue
+        if override.startswith("~"):
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(saved, parent) if parent else saved
+            with open_dict(node):
+                node.pop(leaf, None)
+        else:
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    saved.resume, saved.paths.output_dir = cfg.resume, cfg.paths.output_dir
+    return saved
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail in the first second on values that are missing (???) or do not resolve."""
+    if cfg.paths.output_dir is None:
+        raise ValueError("paths.output_dir is not set; outside `python run.py`, pass paths.output_dir=<dir>")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
+    """Instantiate the model node, taking the vocabulary size from the tokenizer when it is null."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({vocab_size} tokens)")
+    with hardware.init_device():
+        model = instantiate(cfg.model)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %s parameters (%.2fM), vocab %d", type(model).__name__, f"{n:,}", n / 1e6,
+             cfg.model.vocab_size)
+    return hardware.prepare(model)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one training job described by `cfg`.
+
+    Returns:
+        The final metrics, and the built objects (model, trainer, callbacks, ...) for tests.
+    """
+    checkpoint = None if cfg.resume is None else find_checkpoint(cfg.resume)
+    if checkpoint is not None:
+        cfg = resume_config(cfg, checkpoint)
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    hardware = instantiate(cfg.hardware)
+    data = instantiate(cfg.data)                       # cheap: the heavy work is in data.setup
+    model = build_model(cfg, hardware, data.tokenizer.vocab_size)
+    strategy = instantiate(cfg.strategy)
+    optimizer = instantiate(cfg.optimizer)(model.named_parameters())
+    make_scheduler = instantiate(cfg.scheduler)
+    data.setup(strategy.format)                        # an impossible pairing fails here, naming both
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,
+                          scheduler=make_scheduler, hardware=hardware, callbacks=callbacks, config_yaml=config_yaml)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, trainer)
+        log.info("resumed from %s at step %d", checkpoint, trainer.step)
+    else:
+        save_resolved_config(cfg, output_dir)
+    record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint))
+    log.info("%s; %d steps of %d micro-batch(es); run directory %s", hardware, trainer.total_steps,
+             trainer.accumulation_steps, output_dir)
+
+    start = time.perf_counter()
+    try:
+        metrics = trainer.fit()
+    except BaseException as error:
+        record.finish("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", None,
+                      time.perf_counter() - start)
+        raise
+    record.finish("completed", metrics, time.perf_counter() - start)
+    log_summary(metrics, output_dir)
+    return metrics, {"model": model, "trainer": trainer, "callbacks": callbacks, "data": data,
+                     "strategy": strategy, "hardware": hardware, "cfg": cfg}
+
+
+def log_summary(metrics: dict[str, float], output_dir: Path) -> None:
+    """The closing lines of a run: final losses, held-out accuracy, where everything is."""
+    lines = [f"finished at step {metrics.get('step')}: train loss {metrics.get('loss', float('nan')):.4f}"]
+    if "eval/loss" in metrics:
+        lines.append(f"eval loss {metrics['eval/loss']:.4f} (ppl {metrics.get('eval/ppl', float('nan')):.3f})")
+    accuracy = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/accuracy")}
+    if accuracy:
+        lines.append("held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    lines.append(f"run directory {output_dir}")
+    for line in lines:
+        log.info(line)

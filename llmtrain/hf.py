@@ -1,0 +1,146 @@
+"""Conversion between llmtrain's Transformer and HF `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+
+llmtrain uses the half-split RoPE layout of HF, so the weights map by name alone (SPECS 1.7);
+no q/k permutation is needed. A tied model is written without `lm_head.weight` and with
+`tie_word_embeddings: true`, which HF re-ties on load (SPECS 1.6). Qwen2 is Llama plus biases
+on q/k/v (and none on o_proj), which is what GQAttention(bias=True) builds.
+"""
+
+import torch
+from torch import Tensor
+
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.transformer import Transformer
+
+_TOP_LEVEL = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+}
+
+
+def hf_name(name: str) -> str:
+    """HF Llama name of an llmtrain parameter name, e.g. layers.0.ffn.w1.weight -> ...gate_proj.weight."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in _PER_LAYER:
+        return f"model.layers.{parts[1]}.{_PER_LAYER[parts[2]]}"
+    raise ValueError(f"llmtrain tensor {name!r} has no Llama/Qwen2 counterpart")
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
+    """The model's weights under HF Llama/Qwen2 names; contiguous, lm_head left out when tied."""
+    _check_exportable(model)
+    return {hf_name(name): tensor.contiguous() for name, tensor in _untied_state(model).items()}
+
+
+def from_hf_state_dict(state: dict[str, Tensor], model: Transformer) -> None:
+    """Load HF Llama/Qwen2 weights into `model` in place (the inverse of `to_hf_state_dict`).
+
+    Args:
+        state: HF names to tensors. For a tied model an `lm_head.weight` entry (HF's own
+            `state_dict()` has one) is accepted only if it equals the embedding.
+        model: A Transformer whose sizes match the checkpoint.
+
+    Raises:
+        ValueError: A name is missing or unexpected, a shape differs, or a tied model is given
+            an lm_head different from its embedding.
+    """
+    _check_exportable(model)
+    state = dict(state)
+    if model.tie_embeddings and "lm_head.weight" in state:
+        if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
+            raise ValueError("model is tied but the checkpoint's lm_head.weight differs from embed_tokens")
+    expected = {hf_name(name): (name, tensor.shape) for name, tensor in _untied_state(model).items()}
+    _check_names_and_shapes(state, {hf_key: shape for hf_key, (_, shape) in expected.items()})
+    ours = {name: state[hf_key] for hf_key, (name, _) in expected.items()}
+    if model.tie_embeddings:
+        ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets strict=True pass
+    model.load_state_dict(ours, strict=True)
+
+
+def _untied_state(model: Transformer) -> dict[str, Tensor]:
+    state = model.state_dict()
+    if model.tie_embeddings:
+        del state["lm_head.weight"]  # one name per storage (safetensors #98); HF re-ties on load
+    return state
+
+
+def _check_names_and_shapes(state: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
+    if missing := sorted(set(shapes) - set(state)):
+        raise ValueError(f"checkpoint lacks tensors {missing}")
+    if unexpected := sorted(set(state) - set(shapes)):
+        raise ValueError(f"checkpoint has unexpected tensors {unexpected}")
+    for name, shape in shapes.items():
+        if state[name].shape != shape:
+            raise ValueError(
+                f"shape mismatch for {name}: checkpoint {tuple(state[name].shape)}, model {tuple(shape)}"
+            )
+
+
+def llama_config(
+    model: Transformer,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
+    """The config.json dict of SPECS 1.7 for `model` (Qwen2 when the attention has biases).
+
+    Both `rope_theta` (read by transformers 4.x) and `rope_parameters` (5.x) are written.
+    """
+    _check_exportable(model)
+    attn, ffn = model.layers[0].attn, model.layers[0].ffn
+    qwen2 = attn.wq.bias is not None
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.dim,
+        "intermediate_size": ffn.hidden_dim,
+        "num_hidden_layers": model.n_layers,
+        "num_attention_heads": attn.n_heads,
+        "num_key_value_heads": attn.n_kv_heads,
+        "head_dim": attn.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.rope.max_seq_len,
+        "rms_norm_eps": model.norm.eps,
+        "rope_theta": model.rope.theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope.theta},
+        "tie_word_embeddings": model.tie_embeddings,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "initializer_range": model.init_std,
+        "use_cache": True,
+        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+    }
+    if not qwen2:
+        config |= {"attention_bias": False, "mlp_bias": False}
+    return config
+
+
+def _check_exportable(model: Transformer) -> None:
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.attn, GQAttention) or not isinstance(layer.ffn, SwiGLU):
+            raise ValueError(
+                f"Llama/Qwen2 export needs GQAttention and SwiGLU, layer {i} has "
+                f"{type(layer.attn).__name__} and {type(layer.ffn).__name__}"
+            )

@@ -1,0 +1,66 @@
+"""AdamW with parameter groups chosen by name pattern.
+
+Each group rule is `{pattern, lr?, weight_decay?}`; a parameter joins the first rule whose
+fnmatch pattern matches its name, else the default group. Tied weights appear once
+(`named_parameters` deduplicates), so the shared matrix gets exactly one setting.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RULE_KEYS = {"pattern", "lr", "weight_decay"}
+
+
+def _check_rule(rule: Mapping[str, Any]) -> None:
+    if "pattern" not in rule or set(rule) - RULE_KEYS:
+        raise ValueError(f"optimizer.groups entry {dict(rule)}: needs 'pattern' and may only set "
+                         f"{sorted(RULE_KEYS - {'pattern'})}")
+    if rule.get("lr", 1.0) <= 0 or rule.get("weight_decay", 0.0) < 0:
+        raise ValueError(f"optimizer.groups entry {dict(rule)}: lr must be > 0 and weight_decay >= 0")
+
+
+def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Sequence[Mapping[str, Any]],
+                 lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into optimizer groups by the first matching rule.
+
+    Returns:
+        Non-empty groups, each with `params`, `names`, `lr` and `weight_decay`.
+    """
+    for rule in rules:
+        _check_rule(rule)
+    groups = [{"params": [], "names": [], "lr": r.get("lr", lr), "weight_decay": r.get("weight_decay", weight_decay)}
+              for r in rules]
+    groups.append({"params": [], "names": [], "lr": lr, "weight_decay": weight_decay})
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        index = next((i for i, r in enumerate(rules) if fnmatch.fnmatchcase(name, r["pattern"])), len(rules))
+        groups[index]["params"].append(param)
+        groups[index]["names"].append(name)
+    for rule, group in zip(rules, groups):
+        if not group["params"]:
+            log.info("optimizer group pattern %r matches no parameter of this model", rule["pattern"])
+    return [g for g in groups if g["params"]]
+
+
+def adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, betas: Sequence[float] = (0.9, 0.95),
+          eps: float = 1e-8, weight_decay: float = 0.1, groups: Sequence[Mapping[str, Any]] = (),
+          fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; each group's lr is its peak lr (schedulers multiply it)."""
+    if lr <= 0:
+        raise ValueError(f"optimizer.lr={lr} must be > 0")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+    grouped = param_groups(named_parameters, list(groups), lr, weight_decay)
+    # `names` rides along in each group (torch keeps extra keys), so logs and checkpoints can say
+    # which parameters a group holds.
+    return torch.optim.AdamW(grouped, lr=lr, betas=tuple(betas), eps=eps, fused=fused)

@@ -1,0 +1,126 @@
+"""The run directory (DESIGN.md section 4): where a run lives, its snapshot and its run.json.
+
+Hydra creates the directory; this module decides its name when resuming (the same directory),
+and writes what Hydra does not: resolved_config.yaml and run.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "rich", "wandb", "numpy", "llmtrain")
+
+
+def find_checkpoint(resume: str | os.PathLike) -> Path:
+    """The checkpoint folder that `resume=<path>` names: a run directory or one of its checkpoints.
+
+    Raises:
+        ValueError: the path does not exist or holds no checkpoint.
+    """
+    path = Path(resume)
+    if (path / "meta.json").is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if (latest / "meta.json").is_file():
+        return latest.resolve()
+    if not path.exists():
+        raise ValueError(f"resume={resume}: no such directory")
+    raise ValueError(f"resume={resume}: no checkpoint there (expected {latest}/meta.json); "
+                     "was the run stopped before its first checkpoint?")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory that holds a checkpoint folder (<run>/checkpoints/step_N)."""
+    return checkpoint.resolve().parent.parent
+
+
+def _run_dir_resolver(resume: str | None, default: str) -> str:
+    return default if resume is None else str(run_dir_of(find_checkpoint(resume)))
+
+
+def _snapshot_dir_resolver(resume: str | None) -> str:
+    if resume is None:
+        return ".hydra"
+    return f".hydra/resume_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"   # never overwrite the original
+
+
+def register_resolvers() -> None:
+    """Resolvers used by conf/hydra/default.yaml; must run before @hydra.main composes."""
+    OmegaConf.register_new_resolver("llmtrain.run_dir", _run_dir_resolver, replace=True)
+    OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True,
+                                    use_cache=True)
+
+
+def git_state(cwd: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the repository that holds `cwd` (None outside a repository)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """run.json: provenance at start, then status, timing and final metrics at the end.
+
+    On resume the existing record is kept and the resume is appended to its `resumes` list.
+    """
+
+    def __init__(self, output_dir: Path, seed: int, device: str, resumed_from: str | None) -> None:
+        self.path = output_dir / "run.json"
+        if resumed_from is not None and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            self.data.setdefault("resumes", []).append(
+                {"time": now(), "checkpoint": resumed_from, "command": sys.argv})
+        else:
+            self.data = {
+                "command": sys.argv, "cwd": os.getcwd(), "git": git_state(Path(__file__).parent),
+                "versions": package_versions(), "seed": seed, "device": device, "start_time": now(),
+            }
+        self.data.update(status="running", end_time=None)
+        self.write()
+
+    def finish(self, status: str, metrics: dict[str, float] | None, elapsed_s: float) -> None:
+        self.data.update(status=status, end_time=now(), elapsed_s=round(elapsed_s, 3))
+        if metrics is not None:
+            self.data["final_metrics"] = metrics
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
+    """resolved_config.yaml: every value as used, interpolations resolved."""
+    OmegaConf.save(cfg, output_dir / "resolved_config.yaml", resolve=True)

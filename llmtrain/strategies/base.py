@@ -1,0 +1,31 @@
+"""What every strategy provides to the one training loop (STYLE 2.7).
+
+A strategy owns only its method's math. The loop asks it how many loss items a batch holds
+(target tokens for SEQ/SFT), so that an accumulation window is normalised as one large batch
+(SPECS 4.2), then calls `loss` on each micro-batch with the window's total.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor, nn
+
+
+class Strategy(Protocol):
+    """`format` names the batch layout the strategy consumes: text, chat, preference or prompt."""
+
+    format: str
+
+    def num_items(self, batch: dict[str, Tensor]) -> int:
+        """Loss items (e.g. target tokens after the shift) in one micro-batch."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one micro-batch divided by the window's `num_items`, and metrics on the same scale.
+
+        Summing the returned loss and metrics over the micro-batches of a window gives the
+        window's mean; `summarize` then derives the reported metrics from those sums.
+        """
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        """Reported metrics from the window sums (e.g. ppl = exp(mean nll))."""

@@ -1,0 +1,91 @@
+"""The real CLI in a subprocess: what a run leaves on disk, overrides, resume, early errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO
+
+SMOKE = ["debug=smoke", "hardware=cpu"]
+ROW_KEYS = {"step", "epoch", "iteration", "lr", "loss", "grad_norm", "tokens_per_s", "elapsed_s", "ppl"}
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_leaves_the_design_run_directory(tmp_path):
+    result = run_cli(*SMOKE, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "resolved_config.yaml",
+                 "run.json", "metrics.jsonl", "train.log", "checkpoints/latest/meta.json",
+                 "checkpoints/step_000008/model.safetensors", "checkpoints/step_000008/resume.pt"):
+        assert (tmp_path / name).exists(), name
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] == "completed" and record["seed"] == 0 and record["device"] == "cpu"
+    assert {"commit", "dirty"} <= set(record["git"]) and record["versions"]["torch"]
+    assert "eval/loss" in record["final_metrics"] and "eval/accuracy" in record["final_metrics"]
+    assert all(ROW_KEYS <= set(row) for row in rows(tmp_path))
+    assert {"eval/loss", "eval/ppl", "eval/accuracy"} <= set(rows(tmp_path)[-1])
+    assert OmegaConf.load(tmp_path / "resolved_config.yaml").model.vocab_size == 264
+    log = (tmp_path / "train.log").read_text()
+    assert "held-out accuracy" in log and str(tmp_path) in log
+
+
+@pytest.mark.parametrize("override", ["scheduler=sgdr", "scheduler=constant", "optimizer.lr=1e-3",
+                                      "callbacks=none", "trainer.accumulation_steps=4",
+                                      "model/size=small"])
+def test_overrides_need_no_code_change(override, tmp_path):
+    result = run_cli(*SMOKE, override, "trainer.max_steps=3", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=20", "callbacks.checkpoint.every_steps=20"]
+    assert run_cli(*common, f"hydra.run.dir={straight}").returncode == 0
+    first = run_cli(*common, "trainer.max_steps=20", f"hydra.run.dir={split}")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(f"resume={split}", "trainer.max_steps=40")
+    assert second.returncode == 0, second.stderr
+    a = (straight / "checkpoints/latest/model.safetensors").read_bytes()
+    b = (split / "checkpoints/latest/model.safetensors").read_bytes()
+    assert a == b
+    losses = lambda d: [(r["step"], r["loss"], r.get("eval/loss")) for r in rows(d)]
+    assert losses(straight) == losses(split) and len(losses(split)) == 40
+    record = json.loads((split / "run.json").read_text())
+    assert record["status"] == "completed" and len(record["resumes"]) == 1
+    assert (split / ".hydra/config.yaml").exists() and list((split / ".hydra").glob("resume_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*SMOKE, "model.attention.n_kv_heads=3"], "n_heads=4 is not divisible by n_kv_heads=3"),
+    ([*SMOKE, "model/size=huge"], "huge"),
+    ([*SMOKE, "optimizer.lr=-0.001"], "optimizer.lr=-0.001"),
+    (["data=text", "data.paths=[no_such_file.txt]"], "data.paths: no_such_file.txt does not exist"),
+])
+def test_bad_input_fails_at_start_naming_the_value(args, message, tmp_path):
+    result = run_cli(*args, f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()            # failed before training began
+
+
+def test_resume_of_a_directory_without_checkpoint_is_refused(tmp_path):
+    result = run_cli(f"resume={tmp_path}")
+    assert result.returncode != 0
+    assert f"resume={tmp_path}: no checkpoint there" in result.stderr + result.stdout

@@ -1,0 +1,135 @@
+import functools
+import math
+
+import pytest
+import torch
+
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.transformer import Transformer
+from tests.reference import naive_block
+
+
+def tiny(**overrides) -> Transformer:
+    kwargs = dict(
+        vocab_size=50,
+        dim=32,
+        n_layers=2,
+        attention=functools.partial(GQAttention, n_heads=4, n_kv_heads=2),
+        ffn=functools.partial(SwiGLU, hidden_dim=48),
+        rope_theta=1e4,
+        max_seq_len=64,
+    )
+    return Transformer(**(kwargs | overrides))
+
+
+def expected_params(V, D, L, H, K, E, F, tied, bias=False):
+    """Closed form: embeddings + L * (attention + SwiGLU + 2 norms) + final norm."""
+    attention = D * H * E + 2 * D * K * E + H * E * D + (H * E + 2 * K * E if bias else 0)
+    per_layer = attention + 3 * D * F + 2 * D
+    return V * D * (1 if tied else 2) + L * per_layer + D
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_param_count_matches_closed_form(tied, bias):
+    attention = functools.partial(GQAttention, n_heads=4, n_kv_heads=2, head_dim=6, bias=bias)
+    model = tiny(tie_embeddings=tied, attention=attention)
+    assert model.num_params() == expected_params(50, 32, 2, 4, 2, 6, 48, tied, bias)
+
+
+def test_tied_head_and_embedding_are_one_parameter():
+    model = tiny()
+    assert model.lm_head.weight is model.embed.weight
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed.weight
+
+
+def test_logits_shape_and_dtype_follow_the_model():
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 9))
+    assert model(ids).shape == (2, 9, 50) and model(ids).dtype == torch.float32
+    assert model.to(torch.bfloat16)(ids).dtype == torch.bfloat16
+
+
+def test_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 50
+    torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
+    assert not torch.allclose(model(ids)[:, 6:], model(changed)[:, 6:])
+
+
+def test_block_matches_reference_block():
+    torch.manual_seed(0)
+    model = tiny(norm_eps=1e-5)
+    block = model.layers[1]
+    with torch.no_grad():
+        block.attn_norm.weight.uniform_(0.5, 1.5)
+        block.ffn_norm.weight.uniform_(0.5, 1.5)
+    x_BTD = torch.randn(2, 7, 32)
+    y_BTD = block(x_BTD, *model.rope(7))
+    expected_BTD = naive_block(block, x_BTD, theta=1e4, eps=1e-5)
+    torch.testing.assert_close(y_BTD.double(), expected_BTD, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_positions_equal_default():
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(ids, torch.arange(8)), model(ids))
+    torch.testing.assert_close(model(ids, torch.arange(8).expand(2, 8)), model(ids))
+
+
+def test_each_layer_gets_its_own_modules():
+    model = tiny(n_layers=3)
+    assert len({id(layer.attn) for layer in model.layers}) == 3
+    assert len({id(layer.ffn) for layer in model.layers}) == 3
+
+
+def test_init_scales_residual_outputs():
+    torch.manual_seed(0)
+    model = tiny(dim=256, n_layers=8, vocab_size=300, ffn=functools.partial(SwiGLU, hidden_dim=512))
+    layer = model.layers[0]
+    assert layer.attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.ffn.w1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for w in (layer.attn.wo.weight, layer.ffn.w2.weight):
+        assert w.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.equal(layer.attn_norm.weight, torch.ones(256))
+
+
+def test_builds_on_meta_and_materialises():
+    with torch.device("meta"):
+        model = tiny()
+    model.to_empty(device="cpu")
+    assert model.lm_head.weight is model.embed.weight  # to_empty alone would untie them
+    model.init_weights()
+    assert torch.isfinite(model(torch.randint(0, 50, (1, 5)))).all()
+
+
+def test_hydra_partial_config_instantiates():
+    instantiate = pytest.importorskip("hydra.utils").instantiate
+    cfg = {
+        "_target_": "llmtrain.models.transformer.Transformer",
+        "vocab_size": 264,
+        "dim": 128,
+        "n_layers": 4,
+        "attention": {
+            "_target_": "llmtrain.models.attention_gqa.GQAttention",
+            "_partial_": True,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+        },
+        "ffn": {"_target_": "llmtrain.models.ffn.SwiGLU", "_partial_": True, "hidden_dim": None},
+    }
+    model = instantiate(cfg)
+    assert model.layers[3].attn.n_kv_heads == 2 and model.layers[0].ffn.hidden_dim == 384
+    assert model.num_params() == expected_params(264, 128, 4, 4, 2, 32, 384, tied=True)
+
+
+def test_bad_sizes_name_the_values():
+    with pytest.raises(ValueError, match="n_layers=0"):
+        tiny(n_layers=0)

@@ -1,0 +1,98 @@
+"""The loop: token-weighted accumulation equals one big batch; the scheduler steps per window."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from llmtrain.callbacks.base import Callback
+from llmtrain.hardware import Hardware
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.transformer import Transformer
+from llmtrain.optim import adamw
+from llmtrain.schedulers import constant
+from llmtrain.strategies.seq import NextToken
+from llmtrain.trainer import Trainer, plan_steps
+
+
+class RowData:
+    """Fixed rows served `batch_size` at a time, in order (a stand-in for a real data source)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        self.ids, self.labels, self.batch_size = ids, labels, batch_size
+
+    def num_batches(self) -> int:
+        return len(self.ids) // self.batch_size
+
+    def train_batches(self, epoch: int, start: int = 0):
+        for i in range(start, self.num_batches()):
+            rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            yield {"input_ids": self.ids[rows], "labels": self.labels[rows]}
+
+    def eval_batches(self):
+        yield from self.train_batches(0)
+
+    def task_metrics(self, model, device) -> dict[str, float]:
+        return {}
+
+
+class GradSnapshot(Callback):
+    def on_before_optimizer_step(self, trainer) -> None:
+        self.grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+def uneven_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """4 rows whose numbers of target tokens differ a lot (2, 5, 9 and 15 of 16)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 16))
+    labels = ids.clone()
+    for row, n_masked in enumerate([14, 11, 7, 1]):
+        labels[row, :n_masked] = -100
+    return ids, labels
+
+
+def make_trainer(batch_size: int, accumulation_steps: int, callbacks=()) -> Trainer:
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
+                        n_kv_heads=2), ffn=functools.partial(SwiGLU))
+    return Trainer(model=model, strategy=NextToken(), data=RowData(*uneven_rows(), batch_size),
+                   optimizer=adamw(model.named_parameters(), lr=1e-3), scheduler=constant,
+                   hardware=Hardware(device="cpu", precision="fp32"), callbacks=list(callbacks),
+                   max_steps=1, accumulation_steps=accumulation_steps)
+
+
+def test_accumulated_window_has_the_gradients_of_one_big_batch():
+    results = []
+    for batch_size, accumulation in [(4, 1), (1, 4), (2, 2)]:
+        snapshot = GradSnapshot()
+        metrics = make_trainer(batch_size, accumulation, [snapshot]).fit()
+        results.append((snapshot.grads, metrics["loss"]))
+    (big, big_loss), *others = results
+    for grads, loss in others:
+        assert abs(loss - big_loss) < 1e-6
+        for name in big:
+            torch.testing.assert_close(grads[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+def test_logged_loss_is_the_token_mean_of_the_window():
+    trainer = make_trainer(1, 4)
+    ids, labels = uneven_rows()
+    with torch.no_grad():
+        logits = trainer.model(ids)
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert abs(trainer.fit()["loss"] - want.item()) < 1e-5
+
+
+def test_scheduler_steps_once_per_window():
+    trainer = make_trainer(1, 2)
+    trainer.total_steps = 2                       # 4 micro-batches, 2 windows
+    trainer.fit()
+    assert trainer.scheduler.last_epoch == 2 and trainer.step == 2 and trainer.iteration == 4
+
+
+def test_plan_steps_counts_a_short_last_window():
+    assert plan_steps(None, 2, batches_per_epoch=10, accumulation_steps=4) == 6
+    assert plan_steps(5, 2, batches_per_epoch=10, accumulation_steps=4) == 5
+    assert plan_steps(100, None, batches_per_epoch=10, accumulation_steps=4) == 100
