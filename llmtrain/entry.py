@@ -121,9 +121,10 @@ def log_summary(metrics: dict[str, float], output_dir: Path) -> None:
     lines = [f"finished at step {metrics.get('step')}: train loss {metrics.get('loss', float('nan')):.4f}"]
     if "eval/loss" in metrics:
         lines.append(f"eval loss {metrics['eval/loss']:.4f} (ppl {metrics.get('eval/ppl', float('nan')):.3f})")
-    accuracy = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/accuracy")}
-    if accuracy:
-        lines.append("held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    if "eval/accuracy" in metrics:
+        per_language = [f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("eval/accuracy/")]
+        lines.append(f"held-out accuracy {metrics['eval/accuracy']:.1%}" +
+                     (f" ({', '.join(per_language)})" if per_language else ""))
     lines.append(f"run directory {output_dir}")
     for line in lines:
         log.info(line)

@@ -48,7 +48,7 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Se
         groups[index]["names"].append(name)
     for rule, group in zip(rules, groups):
         if not group["params"]:
-            log.info("optimizer group pattern %r matches no parameter of this model", rule["pattern"])
+            log.debug("optimizer group pattern %r matches no parameter of this model", rule["pattern"])
     return [g for g in groups if g["params"]]
 
 

@@ -1,0 +1,104 @@
+"""The default data source: the built-in synthetic task (llmtrain.data.synthetic), no files needed.
+
+For pre-training ("text") each example becomes `<bos>{question}{answer}<eos>`; the documents are
+packed into rows of `seq_len` tokens. The held-out examples give eval/loss (packed the same way)
+and eval/accuracy: their questions are decoded greedily and compared with the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from llmtrain.data.packing import RowBatches, pack_documents
+from llmtrain.data.synthetic import LANGUAGES, TASKS, Example, check_choices, document, generate_examples, question
+from llmtrain.data.tokenizer import ByteTokenizer
+from llmtrain.generate import greedy_decode
+
+
+class BuiltinTask:
+    """Bilingual arithmetic and string questions with a disjoint held-out split.
+
+    Args:
+        tokenizer: encodes the documents (the byte-level default needs no files).
+        seed: fixes the examples and, with the epoch, the batch order.
+        n_train: training examples.
+        n_eval: held-out examples (distinct prompts that never occur in training).
+        tasks: task names (None: all of llmtrain.data.synthetic.TASKS).
+        languages: any of "en", "zh".
+        seq_len: tokens per packed row.
+        batch_size: rows per training batch.
+        eval_batch_size: rows per held-out batch.
+        accuracy_examples: held-out questions decoded for eval/accuracy (0: skip).
+        max_new_tokens: decoding limit for one answer.
+    """
+
+    formats = ("text",)
+
+    def __init__(self, tokenizer: ByteTokenizer, seed: int = 0, n_train: int = 100_000, n_eval: int = 1000,
+                 tasks: Sequence[str] | None = None, languages: Sequence[str] = LANGUAGES, seq_len: int = 128,
+                 batch_size: int = 32, eval_batch_size: int = 64, accuracy_examples: int = 200,
+                 max_new_tokens: int = 16) -> None:
+        tasks = list(TASKS) if tasks is None else list(tasks)
+        check_choices(tasks, languages)
+        for name, value in (("n_train", n_train), ("n_eval", n_eval), ("seq_len", seq_len),
+                            ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value} must be >= 1")
+        if accuracy_examples < 0:
+            raise ValueError(f"data.accuracy_examples={accuracy_examples} must be >= 0")
+        self.tokenizer, self.seed, self.tasks, self.languages = tokenizer, seed, tasks, list(languages)
+        self.n_train, self.n_eval, self.seq_len = n_train, n_eval, seq_len
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.accuracy_examples, self.max_new_tokens = accuracy_examples, max_new_tokens
+
+    def setup(self, format: str) -> None:
+        """Generate and tokenize the examples for the strategy's batch `format`."""
+        if format not in self.formats:
+            raise ValueError(f"the strategy consumes '{format}' batches, but data=builtin ({type(self).__name__}) "
+                             f"serves only {self.formats}")
+        self.train_examples, self.eval_examples = generate_examples(
+            self.seed, self.n_train, self.n_eval, self.tasks, self.languages)
+        self.train = RowBatches(self._pack(self.train_examples), self.batch_size, self.seed)
+        self.eval = RowBatches(self._pack(self.eval_examples), self.eval_batch_size, self.seed)
+
+    def _pack(self, examples: list[Example]) -> Tensor:
+        docs = [self.tokenizer.encode(document(e), bos=True, eos=True) for e in examples]
+        rows_NT = pack_documents(docs, self.seq_len)
+        if len(rows_NT) == 0:
+            raise ValueError(f"{len(examples)} examples do not fill one row of seq_len={self.seq_len} tokens")
+        return rows_NT
+
+    def num_batches(self) -> int:
+        return len(self.train)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        return self.train.shuffled(epoch, start)
+
+    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
+        return self.eval.in_order()
+
+    def predictions(self, model: nn.Module, device: torch.device | str) -> list[tuple[Example, str]]:
+        """Greedy answers to the first `accuracy_examples` held-out questions."""
+        examples = self.eval_examples[:self.accuracy_examples]
+        prompts = [self.tokenizer.encode(question(e), bos=True) for e in examples]
+        was_training = model.training
+        model.eval()
+        outputs = greedy_decode(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, device)
+        model.train(was_training)
+        return [(e, self.tokenizer.decode(ids).strip()) for e, ids in zip(examples, outputs)]
+
+    def task_metrics(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
+        """Exact-match accuracy of greedy answers, overall and per language."""
+        if self.accuracy_examples == 0:
+            return {}
+        scored = [(e.lang, answer == e.answer) for e, answer in self.predictions(model, device)]
+        metrics = {"accuracy": sum(ok for _, ok in scored) / len(scored)}
+        for lang in self.languages:
+            hits = [ok for example_lang, ok in scored if example_lang == lang]
+            if hits:
+                metrics[f"accuracy/{lang}"] = sum(hits) / len(hits)
+        return metrics
