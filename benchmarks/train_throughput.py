@@ -93,7 +93,6 @@ def llmtrain_step(model: Transformer) -> Callable[[Tensor], float]:
                       optimizer=adamw(model.named_parameters(), lr=1e-4, weight_decay=0.0),
                       scheduler=constant, hardware=Hardware(device="cpu", precision="fp32"),
                       callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
-    trainer._start = time.perf_counter()
 
     def step(ids_BT: Tensor) -> float:
         return trainer.train_step([{"input_ids": ids_BT, "labels": ids_BT}])["loss"]

@@ -70,6 +70,7 @@ class Trainer:
         self.eval_every, self.eval_batches, self.config_yaml = eval_every, eval_batches, config_yaml
         self.step = self.epoch = self.iteration = 0     # iteration: micro-batches consumed this epoch
         self.elapsed_s = 0.0                            # training time of earlier sessions of this run
+        self._clock_zero = time.perf_counter()          # elapsed_s counts from here
         self.grad_norm: Tensor | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
 
@@ -80,7 +81,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Run until `total_steps`; returns the metrics of the last step (which include eval/*)."""
         self.model.train()
-        self._start = time.perf_counter() - self.elapsed_s
+        self._clock_zero = time.perf_counter() - self.elapsed_s
         metrics: dict[str, float] = {}
         self._emit("on_train_begin")
         while not self.done:
@@ -126,7 +127,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration, "lr": lr,
                 **self.strategy.summarize(values), "grad_norm": float(self.grad_norm),
-                "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - self._start}
+                "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - self._clock_zero}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -146,7 +147,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration,
-                "elapsed_s": time.perf_counter() - self._start if hasattr(self, "_start") else self.elapsed_s}
+                "elapsed_s": time.perf_counter() - self._clock_zero}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.iteration = state["step"], state["epoch"], state["iteration"]
