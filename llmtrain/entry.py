@@ -96,6 +96,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                           scheduler=make_scheduler, hardware=hardware, callbacks=callbacks, config_yaml=config_yaml)
     if checkpoint is not None:
         load_checkpoint(checkpoint, trainer)
+        if trainer.done:
+            raise ValueError(f"resume={cfg.resume}: the run already finished its {trainer.total_steps} steps; "
+                             "add trainer.max_steps=<more> to train further")
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
     else:
         save_resolved_config(cfg, output_dir)

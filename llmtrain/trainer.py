@@ -4,7 +4,8 @@ The loop never branches on the strategy. Each optimizer step consumes a window o
 `accumulation_steps` micro-batches; every micro-batch loss is divided by the number of loss items
 in the whole window (SPECS 4.2), so a window is exactly one large batch. Hooks, in order:
 on_train_begin, on_epoch_begin, on_step_begin, on_batch_begin, on_batch_end,
-on_before_optimizer_step, on_step_end, on_epoch_end, on_train_end.
+on_before_optimizer_step, on_step_end, on_epoch_end, on_train_end (or on_exception, when the loop
+raises, Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -84,20 +85,29 @@ class Trainer:
         self._clock_zero = time.perf_counter() - self.elapsed_s
         metrics: dict[str, float] = {}
         self._emit("on_train_begin")
-        while not self.done:
-            self._emit("on_epoch_begin")
-            for window in windows(self.data.train_batches(self.epoch, start=self.iteration), self.accumulation_steps):
-                self._emit("on_step_begin")
-                metrics = self.train_step(window)
-                if self.done or (self.eval_every and self.step % self.eval_every == 0):
-                    metrics.update(self.evaluate())
-                self._emit("on_step_end", metrics)
-                if self.done:
-                    break
-            else:
-                self.epoch, self.iteration = self.epoch + 1, 0
-            self._emit("on_epoch_end")
+        try:
+            while not self.done:
+                self._emit("on_epoch_begin")
+                metrics = self._run_epoch() or metrics
+                self._emit("on_epoch_end")
+        except BaseException as error:
+            self._emit("on_exception", error)
+            raise
         self._emit("on_train_end")
+        return metrics
+
+    def _run_epoch(self) -> dict[str, float]:
+        """Steps from the current data position to the end of the epoch (or of training)."""
+        metrics: dict[str, float] = {}
+        for window in windows(self.data.train_batches(self.epoch, start=self.iteration), self.accumulation_steps):
+            self._emit("on_step_begin")
+            metrics = self.train_step(window)
+            if self.done or (self.eval_every and self.step % self.eval_every == 0):
+                metrics.update(self.evaluate())
+            self._emit("on_step_end", metrics)
+            if self.done:
+                return metrics
+        self.epoch, self.iteration = self.epoch + 1, 0
         return metrics
 
     def train_step(self, window: list[dict[str, Tensor]]) -> dict[str, float]:

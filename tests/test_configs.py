@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_cfg, group_options
+from tests.conftest import REPO, compose_cfg, group_options
 
 GROUPS = ("model", "model/size", "strategy", "optimizer", "scheduler", "data", "hardware", "callbacks")
 COMBOS = list(itertools.product(*(group_options(g) for g in GROUPS)))
@@ -69,3 +69,17 @@ def test_every_option_instantiates(group, tmp_path):
 def test_unknown_group_option_is_refused_with_its_name(tmp_path):
     with pytest.raises(ConfigCompositionException, match="model/size.*huge|huge.*model/size"):
         compose_cfg("model/size=huge", f"paths.output_dir={tmp_path}")
+
+
+EXPERIMENTS = group_options("experiment")
+
+
+def test_experiments_are_visible_through_the_search_path_plugin():
+    assert "tiny_long" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_is_recorded(name, tmp_path):
+    cfg = compose_cfg(f"experiment={name}", f"paths.output_dir={tmp_path}")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert f"`python run.py experiment={name}`" in (REPO / "experiments" / "README.md").read_text()

@@ -96,3 +96,23 @@ def test_plan_steps_counts_a_short_last_window():
     assert plan_steps(None, 2, batches_per_epoch=10, accumulation_steps=4) == 6
     assert plan_steps(5, 2, batches_per_epoch=10, accumulation_steps=4) == 5
     assert plan_steps(100, None, batches_per_epoch=10, accumulation_steps=4) == 100
+
+
+class HookLog(Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_epoch_begin(self, trainer) -> None:
+        self.calls.append(f"epoch{trainer.epoch}")
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self.calls.append(f"step{trainer.step}")
+
+
+def test_epochs_run_every_batch_and_fire_the_hooks_in_order():
+    hooks = HookLog()
+    trainer = make_trainer(1, 3, [hooks])           # 4 micro-batches per epoch: windows of 3 and 1
+    trainer.total_steps = plan_steps(None, 2, trainer.data.num_batches(), 3)
+    trainer.fit()
+    assert hooks.calls == ["epoch0", "step1", "step2", "epoch1", "step3", "step4"]
+    assert trainer.step == 4 and trainer.epoch == 1 and trainer.iteration == 4

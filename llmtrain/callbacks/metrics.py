@@ -35,3 +35,6 @@ class JsonlMetrics(Callback):
 
     def on_train_end(self, trainer) -> None:
         self.file.close()
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self.file.close()

@@ -33,3 +33,6 @@ class RichProgress(Callback):
 
     def on_train_end(self, trainer) -> None:
         self.progress.stop()
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        self.progress.stop()                  # give the terminal back before the traceback prints

@@ -1,8 +1,10 @@
 """The default data source: the built-in synthetic task (llmtrain.data.synthetic), no files needed.
 
-For pre-training ("text") each example becomes `<bos>{question}{answer}<eos>`; the documents are
-packed into rows of `seq_len` tokens. The held-out examples give eval/loss (packed the same way)
-and eval/accuracy: their questions are decoded greedily and compared with the answer.
+For pre-training ("text") each example becomes the document `<bos>{prompt} Answer: {answer}<eos>`
+(with the Chinese answer prefix in Chinese, see synthetic.ANSWER_PREFIX); the documents are packed
+into rows of `seq_len` tokens. The held-out examples give eval/loss (packed the same way) and
+eval/accuracy: their questions, `<bos>{prompt} Answer: `, are decoded greedily and the stripped text
+before <eos> must equal the answer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from llmtrain.data.packing import RowBatches, pack_documents
-from llmtrain.data.synthetic import LANGUAGES, TASKS, Example, check_choices, document, generate_examples, question
+from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, document, question,
+                                     split_examples)
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.generate import greedy_decode
 
@@ -22,48 +25,51 @@ class BuiltinTask:
     """Bilingual arithmetic and string questions with a disjoint held-out split.
 
     Args:
-        tokenizer: encodes the documents (the byte-level default needs no files).
-        seed: fixes the examples and, with the epoch, the batch order.
-        n_train: training examples.
-        n_eval: held-out examples (distinct prompts that never occur in training).
-        tasks: task names (None: all of llmtrain.data.synthetic.TASKS).
-        languages: any of "en", "zh".
-        seq_len: tokens per packed row.
-        batch_size: rows per training batch.
-        eval_batch_size: rows per held-out batch.
-        accuracy_examples: held-out questions decoded for eval/accuracy (0: skip).
-        max_new_tokens: decoding limit for one answer.
+        tokenizer: Encodes the documents (the byte-level default needs no files).
+        seed: Fixes the examples and, with the epoch, the batch order.
+        n_train: Training examples.
+        n_eval: Held-out examples (distinct prompts that never occur in training).
+        tasks: Task names from llmtrain.data.synthetic.TASKS (None: its DEFAULT_TASKS, the set
+            calibrated for the tiny CPU model).
+        languages: Any of "en", "zh".
+        seq_len: Tokens per packed row.
+        batch_size: Rows per training batch.
+        eval_batch_size: Rows per held-out batch.
+        accuracy_examples: Held-out questions decoded for eval/accuracy (0: skip).
+        max_new_tokens: Decoding limit for one answer.
     """
 
-    formats = ("text",)
+    formats: tuple[str, ...] = ("text",)
 
     def __init__(self, tokenizer: ByteTokenizer, seed: int = 0, n_train: int = 100_000, n_eval: int = 1000,
                  tasks: Sequence[str] | None = None, languages: Sequence[str] = LANGUAGES, seq_len: int = 128,
                  batch_size: int = 32, eval_batch_size: int = 64, accuracy_examples: int = 200,
                  max_new_tokens: int = 16) -> None:
-        tasks = list(TASKS) if tasks is None else list(tasks)
-        check_choices(tasks, languages)
-        for name, value in (("n_train", n_train), ("n_eval", n_eval), ("seq_len", seq_len),
-                            ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("max_new_tokens", max_new_tokens)):
-            if value < 1:
-                raise ValueError(f"data.{name}={value} must be >= 1")
+        self.tasks = list(DEFAULT_TASKS) if tasks is None else list(tasks)
+        self.languages = list(languages)
+        check_choices(self.tasks, self.languages)
+        _check_positive(n_train=n_train, n_eval=n_eval, seq_len=seq_len, batch_size=batch_size,
+                        eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens)
         if accuracy_examples < 0:
             raise ValueError(f"data.accuracy_examples={accuracy_examples} must be >= 0")
-        self.tokenizer, self.seed, self.tasks, self.languages = tokenizer, seed, tasks, list(languages)
+        self.tokenizer, self.seed = tokenizer, seed
         self.n_train, self.n_eval, self.seq_len = n_train, n_eval, seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.accuracy_examples, self.max_new_tokens = accuracy_examples, max_new_tokens
+        self.last_predictions: list[tuple[Example, str]] = []
 
     def setup(self, format: str) -> None:
         """Generate and tokenize the examples for the strategy's batch `format`."""
         if format not in self.formats:
             raise ValueError(f"the strategy consumes '{format}' batches, but data=builtin ({type(self).__name__}) "
                              f"serves only {self.formats}")
-        self.train_examples, self.eval_examples = generate_examples(
+        self.train_examples, self.eval_examples = split_examples(
             self.seed, self.n_train, self.n_eval, self.tasks, self.languages)
         self.train = RowBatches(self._pack(self.train_examples), self.batch_size, self.seed)
         self.eval = RowBatches(self._pack(self.eval_examples), self.eval_batch_size, self.seed)
+        if len(self.train) == 0:
+            raise ValueError(f"data.n_train={self.n_train} examples give {len(self.train.rows_NT)} rows of "
+                             f"seq_len={self.seq_len}: fewer than one batch of batch_size={self.batch_size}")
 
     def _pack(self, examples: list[Example]) -> Tensor:
         docs = [self.tokenizer.encode(document(e), bos=True, eos=True) for e in examples]
@@ -73,32 +79,49 @@ class BuiltinTask:
         return rows_NT
 
     def num_batches(self) -> int:
+        """Training batches per epoch (the last incomplete one is dropped)."""
         return len(self.train)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        """Batches `start`, `start + 1`, ... of `epoch`, in an order fixed by (seed, epoch)."""
         return self.train.shuffled(epoch, start)
 
     def eval_batches(self) -> Iterator[dict[str, Tensor]]:
+        """Every held-out row in a fixed order; the last batch may be short."""
         return self.eval.in_order()
 
     def predictions(self, model: nn.Module, device: torch.device | str) -> list[tuple[Example, str]]:
-        """Greedy answers to the first `accuracy_examples` held-out questions."""
+        """Greedy answers (stripped text before <eos>) to the first `accuracy_examples` held-out questions."""
         examples = self.eval_examples[:self.accuracy_examples]
         prompts = [self.tokenizer.encode(question(e), bos=True) for e in examples]
         was_training = model.training
         model.eval()
-        outputs = greedy_decode(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, device)
-        model.train(was_training)
+        try:
+            outputs = greedy_decode(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, device)
+        finally:
+            model.train(was_training)
         return [(e, self.tokenizer.decode(ids).strip()) for e, ids in zip(examples, outputs)]
 
     def task_metrics(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
-        """Exact-match accuracy of greedy answers, overall and per language."""
+        """Exact-match accuracy of greedy answers: `accuracy` and `accuracy/<lang>` per language."""
         if self.accuracy_examples == 0:
             return {}
-        scored = [(e.lang, answer == e.answer) for e, answer in self.predictions(model, device)]
+        self.last_predictions = self.predictions(model, device)
+        scored = [(e.lang, answer == e.answer) for e, answer in self.last_predictions]
         metrics = {"accuracy": sum(ok for _, ok in scored) / len(scored)}
         for lang in self.languages:
             hits = [ok for example_lang, ok in scored if example_lang == lang]
             if hits:
                 metrics[f"accuracy/{lang}"] = sum(hits) / len(hits)
         return metrics
+
+    def samples(self, n: int) -> list[dict[str, str]]:
+        """Up to `n` rows of the last `task_metrics` call, for logs (empty before the first one)."""
+        return [{"task": e.task, "lang": e.lang, "prompt": e.prompt, "expected": e.answer, "predicted": answer}
+                for e, answer in self.last_predictions[:n]]
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"data.{name}={value} must be >= 1")

@@ -1,4 +1,4 @@
-"""BuiltinTask: resumable batch order, format checks, exact-match accuracy."""
+"""BuiltinTask: packed rows, resumable batch order, format checks, exact-match accuracy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from llmtrain.data.tokenizer import ByteTokenizer
 @pytest.fixture(scope="module")
 def data() -> BuiltinTask:
     task = BuiltinTask(ByteTokenizer(), seed=0, n_train=2000, n_eval=64, seq_len=64, batch_size=8,
-                       accuracy_examples=24)
+                       eval_batch_size=16, accuracy_examples=24)
     task.setup("text")
     return task
 
@@ -27,10 +27,19 @@ class Oracle(torch.nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*ids_BT.shape, self.vocab_size)
+        logits_BTV = torch.zeros(*ids_BT.shape, self.vocab_size)
         for b, row in enumerate(ids_BT.tolist()):
-            logits[b, -1, self.next.get(tuple(row), 8)] = 1.0
-        return logits
+            logits_BTV[b, -1, self.next.get(tuple(row), 8)] = 1.0
+        return logits_BTV
+
+
+class RandomModel(torch.nn.Module):
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        return torch.randn(*ids_BT.shape, self.vocab_size)
 
 
 def test_start_skips_to_the_same_batches(data):
@@ -49,8 +58,16 @@ def test_epochs_are_shuffled_differently_and_reproducibly(data):
 
 def test_text_batches_are_packed_documents(data):
     batch = next(data.train_batches(0))
-    assert batch["input_ids"].shape == (8, 64) and torch.equal(batch["labels"], batch["input_ids"])
-    assert sum(len(b["input_ids"]) for b in data.eval_batches()) == len(data.eval.rows_NT)
+    ids_BT = batch["input_ids"]
+    assert ids_BT.shape == (8, 64) and ids_BT.dtype == torch.int64 and torch.equal(batch["labels"], ids_BT)
+    text = data.tokenizer.decode(data.train.rows_NT[:4].flatten().tolist(), skip_special=False)
+    assert text.split("<eos><bos>")[1].startswith(data.train_examples[1].prompt)
+
+
+def test_eval_batches_keep_every_row_in_order(data):
+    batches = [b["input_ids"] for b in data.eval_batches()]
+    assert all(len(b) == 16 for b in batches[:-1]) and 0 < len(batches[-1]) <= 16
+    assert torch.equal(torch.cat(batches), data.eval.rows_NT)
 
 
 def test_a_format_it_cannot_serve_is_refused_naming_both():
@@ -61,22 +78,27 @@ def test_a_format_it_cannot_serve_is_refused_naming_both():
 def test_oracle_scores_one_and_a_random_model_zero(data):
     tok = data.tokenizer
     targets = [tok.encode(question(e) + e.answer, bos=True, eos=True) for e in data.eval_examples]
-    assert data.task_metrics(Oracle(targets, tok.vocab_size), "cpu")["accuracy"] == 1.0
+    assert data.task_metrics(Oracle(targets, tok.vocab_size), "cpu") == {
+        "accuracy": 1.0, "accuracy/en": 1.0, "accuracy/zh": 1.0}
     torch.manual_seed(0)
-    metrics = data.task_metrics(RandomModel(tok.vocab_size), "cpu")
-    assert metrics["accuracy"] == 0.0 and set(metrics) == {"accuracy", "accuracy/en", "accuracy/zh"}
+    assert data.task_metrics(RandomModel(tok.vocab_size), "cpu")["accuracy"] == 0.0
 
 
-class RandomModel(torch.nn.Module):
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
+def test_task_metrics_restores_train_mode_and_keeps_samples(data):
+    model = RandomModel(data.tokenizer.vocab_size).train()
+    data.task_metrics(model, "cpu")
+    rows = data.samples(3)
+    assert model.training and len(rows) == 3
+    assert rows[0]["prompt"] == data.eval_examples[0].prompt and rows[0]["expected"] == data.eval_examples[0].answer
 
-    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        return torch.randn(*ids_BT.shape, self.vocab_size)
 
-
-@pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size=0"), ({"tasks": ["chess"]}, "chess")])
+@pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size=0"), ({"tasks": ["chess"]}, "chess"),
+                                           ({"accuracy_examples": -1}, "accuracy_examples=-1")])
 def test_bad_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BuiltinTask(ByteTokenizer(), **kwargs)
+
+
+def test_too_little_data_for_one_batch_is_named():
+    with pytest.raises(ValueError, match="n_train=20"):
+        BuiltinTask(ByteTokenizer(), n_train=20, n_eval=10, batch_size=32).setup("text")

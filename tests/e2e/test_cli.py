@@ -54,15 +54,16 @@ def test_overrides_need_no_code_change(override, tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    """40 steps straight == 40 steps interrupted (Ctrl-C) at step 20, then `resume=`."""
+    """40 steps straight == 40 steps interrupted (Ctrl-C) at step 25, then `resume=` from step 20."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=10", "callbacks.checkpoint.every_steps=20"]
     assert run_cli(*common, f"hydra.run.dir={straight}").returncode == 0
-    interrupted = run_cli(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:20}",
+    interrupted = run_cli(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:25}",
                           f"hydra.run.dir={split}")
     assert interrupted.returncode != 0
     assert json.loads((split / "run.json").read_text())["status"] == "interrupted"
-    resumed = run_cli(f"resume={split}")
+    assert rows(split)[-1]["step"] == 25               # rows 21-25 are redone after the resume
+    resumed = run_cli(f"resume={split}", "+callbacks.stop=null")      # the saved config still has the stop
     assert resumed.returncode == 0, resumed.stderr
     a = (straight / "checkpoints/latest/model.safetensors").read_bytes()
     b = (split / "checkpoints/latest/model.safetensors").read_bytes()
@@ -91,3 +92,12 @@ def test_resume_of_a_directory_without_checkpoint_is_refused(tmp_path):
     result = run_cli(f"resume={tmp_path}")
     assert result.returncode != 0
     assert f"resume={tmp_path}: no checkpoint there" in result.stderr + result.stdout
+
+
+def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
+    assert run_cli(*SMOKE, f"hydra.run.dir={tmp_path}").returncode == 0
+    result = run_cli(f"resume={tmp_path}")
+    assert result.returncode != 0 and "already finished its 8 steps" in result.stderr + result.stdout
+    longer = run_cli(f"resume={tmp_path}", "trainer.max_steps=12")
+    assert longer.returncode == 0, longer.stderr
+    assert rows(tmp_path)[-1]["step"] == 12

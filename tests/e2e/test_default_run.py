@@ -6,8 +6,8 @@ import json
 
 from tests.e2e.test_cli import run_cli
 
-EXPECTED_EVAL_LOSS = 0.62          # README: 0.604 after 2400 steps
-EXPECTED_ACCURACY = 0.20           # README: 23.5%
+EXPECTED_EVAL_LOSS = 0.47          # README: 0.4415 after 2400 steps (other CPUs differ in the last digits)
+EXPECTED_ACCURACY = 0.40           # README: 53.0%
 
 
 def test_default_run_reaches_the_readme_figures(tmp_path):
