@@ -1,26 +1,30 @@
-"""Training throughput of llmtrain's Transformer vs HF `LlamaForCausalLM` on CPU, fp32.
+"""Training throughput of llmtrain's Transformer vs its `transformers` twin on CPU, fp32.
 
+Three model kinds, each against the HF class it exports to: GQA vs `LlamaForCausalLM`, MLA vs
+`DeepseekV3ForCausalLM`, MoE vs `Qwen2MoeForCausalLM` (with its router aux loss on, as ours is).
 One training step = forward + cross-entropy + backward + gradient clipping + AdamW step, on the
-same weights (copied with `llmtrain.hf.to_hf_state_dict`) and the same batches. llmtrain's step is
+same weights (copied with the llmtrain.hf converters) and the same batches. llmtrain's step is
 the real one: `Trainer.train_step` with the SEQ strategy, llmtrain's AdamW parameter groups and the
 GradClip callback, so the loop's own overhead is measured too. The transformers step is the usual
 hand-written loop around `LlamaForCausalLM`. The two alternate step by step so that background load
 hits both alike; the median step time is reported.
 
 MFU uses the PaLM estimate (Chowdhery et al. 2022, appendix B; nanoGPT's `estimate_mfu`):
-    FLOPs per token = 6 * N + 12 * L * D * T
-with N the parameters that take part in matmuls (every parameter except an untied input
-embedding, i.e. including lm_head) and the second term the attention scores and values
-(counted over the full T x T square, as PaLM does, although half is masked). The peak is
+    FLOPs per token = 6 * N + 6 * L * H * (d_qk + d_v) * T        (= 6N + 12 L D T for GQA)
+with N the parameters that take part in matmuls for a token (every parameter except an untied
+input embedding and the routed experts a token does not use, i.e. including lm_head) and the
+second term the attention scores and values (counted over the full T x T square, as PaLM does,
+although half is masked). The peak is
 measured, not nominal: the FLOP/s of a large fp32 matmul on the same threads.
 
-    python benchmarks/train_throughput.py                 # both sizes, 2 threads
-    python benchmarks/train_throughput.py --sizes tiny --steps 20
+    python benchmarks/train_throughput.py                 # all kinds, both sizes, 2 threads
+    python benchmarks/train_throughput.py --kinds gqa --sizes tiny --steps 20
 """
 
 import argparse
 import functools
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,10 +35,14 @@ import transformers
 from torch import Tensor, nn
 
 from llmtrain.callbacks.grad_clip import GradClip
+from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.hardware import Hardware
-from llmtrain.hf import llama_config, to_hf_state_dict
+from llmtrain.hf import deepseek, llama_config, to_hf_state_dict
+from llmtrain.hf import io as hf_io
 from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.moe import MoE
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
@@ -60,24 +68,43 @@ SIZES = {
 }
 
 
-def build_models(size: Size) -> tuple[Transformer, nn.Module]:
-    """Our model and an HF Llama twin holding the same weights."""
+# The MLA widths of conf/model/size/mla_tiny.yaml and mla_small.yaml (per-head nope, rope, v; kv latent).
+MLA_WIDTHS = {"tiny": dict(qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64),
+              "small": dict(qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=256)}
+
+
+def build_ours(kind: str, size_name: str, size: Size) -> Transformer:
+    """The llmtrain model of `kind` at `size`, with the defaults of conf/model/<kind>.yaml."""
     torch.manual_seed(0)
-    ours = Transformer(
-        vocab_size=size.vocab_size,
-        dim=size.dim,
-        n_layers=size.n_layers,
-        attention=functools.partial(GQAttention, n_heads=size.n_heads, n_kv_heads=size.n_kv_heads),
-        ffn=functools.partial(SwiGLU, hidden_dim=size.hidden_dim),
-        max_seq_len=size.seq_len,
-    )
-    cfg = {k: v for k, v in llama_config(ours).items() if k not in ("model_type", "architectures")}
-    config = transformers.LlamaConfig(**cfg)
+    if kind == "mla":
+        attention = functools.partial(MLAttention, n_heads=size.n_heads, **MLA_WIDTHS[size_name])
+    else:
+        attention = functools.partial(GQAttention, n_heads=size.n_heads, n_kv_heads=size.n_kv_heads)
+    ffn = functools.partial(MoE) if kind == "moe" else functools.partial(SwiGLU, hidden_dim=size.hidden_dim)
+    return Transformer(vocab_size=size.vocab_size, dim=size.dim, n_layers=size.n_layers, attention=attention,
+                       ffn=ffn, max_seq_len=size.seq_len)
+
+
+def build_twin(kind: str, ours: Transformer) -> nn.Module:
+    """The HF model our `kind` exports to, holding the same weights."""
+    if kind == "moe":       # transformers 5 fuses experts on load: go through a saved folder
+        with tempfile.TemporaryDirectory() as folder:
+            hf_io.export(ours, ByteTokenizer(), f"{folder}/hf")
+            theirs = transformers.Qwen2MoeForCausalLM.from_pretrained(
+                f"{folder}/hf", dtype=torch.float32, attn_implementation="sdpa", output_router_logits=True)
+        return theirs
+    family, config_cls, model_cls = {
+        "gqa": (None, transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mla": (deepseek, transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    }[kind]
+    hf_cfg = llama_config(ours) if family is None else family.hf_config(ours)
+    config = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("model_type", "architectures")})
     config._attn_implementation = "sdpa"
-    theirs = transformers.LlamaForCausalLM(config)
-    theirs.load_state_dict(to_hf_state_dict(ours), strict=False)  # strict=False: tied lm_head is absent
+    theirs = model_cls(config)
+    state = to_hf_state_dict(ours) if family is None else family.to_hf_state_dict(ours)
+    theirs.load_state_dict(state, strict=False)  # strict=False: tied lm_head is absent
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
-    return ours.train(), theirs.train()
+    return theirs
 
 
 class OneBatch:
@@ -105,8 +132,10 @@ def hf_step(model: nn.Module) -> Callable[[Tensor], float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(ids_BT: Tensor) -> float:
-        logits_BTV = model(input_ids=ids_BT).logits
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), shift_labels(ids_BT).flatten())
+        out = model(input_ids=ids_BT)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), shift_labels(ids_BT).flatten(), ignore_index=-100)
+        if getattr(out, "aux_loss", None) is not None:         # MoE router balance, as llmtrain adds its own
+            loss = loss + model.config.router_aux_loss_coef * out.aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -143,45 +172,60 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
-    """PaLM estimate 6N + 12 L D T; N counts lm_head but not an untied input embedding."""
+    """PaLM estimate 6N + 6 L H (d_qk + d_v) T; N counts lm_head and the experts a token uses."""
     n_matmul = model.num_params() - (0 if model.tie_embeddings else model.embed.weight.numel())
-    return 6 * n_matmul + 12 * model.n_layers * model.dim * seq_len
+    attention = 0
+    for layer in model.layers:
+        attn, ffn = layer.attn, layer.ffn
+        if isinstance(attn, MLAttention):
+            attention += attn.n_heads * (attn.qk_nope_head_dim + attn.qk_rope_head_dim + attn.v_head_dim)
+        else:
+            attention += attn.n_heads * 2 * attn.head_dim
+        if isinstance(ffn, MoE):
+            idle = ffn.n_routed_experts - ffn.n_experts_per_tok
+            n_matmul -= idle * 3 * model.dim * ffn.expert_hidden_dim
+    return 6 * n_matmul + 6 * attention * seq_len
 
 
-def run_size(name: str, size: Size, steps: int, warmup: int, peak: float) -> list[str]:
-    ours, theirs = build_models(size)
+def run_size(kind: str, name: str, size: Size, steps: int, warmup: int, peak: float) -> list[str]:
+    ours = build_ours(kind, name, size)
+    theirs = build_twin(kind, ours)
     generator = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, size.vocab_size, (size.batch_size, size.seq_len), generator=generator)
         for _ in range(warmup + steps)
     ]
-    steps = {"llmtrain": llmtrain_step(ours), "transformers": hf_step(theirs)}
+    steps = {"llmtrain": llmtrain_step(ours.train()), "transformers": hf_step(theirs.train())}
     seconds = time_alternating(steps, batches, warmup)
     tokens = size.batch_size * size.seq_len
     flops = flops_per_token(ours, size.seq_len)
+    label = f"{name} {kind}"
     rows = [
-        f"| {name} | {impl} | {s * 1e3:.1f} | {tokens / s:,.0f} | {100 * flops * tokens / s / peak:.1f}% |"
+        f"| {label} | {impl} | {s * 1e3:.1f} | {tokens / s:,.0f} | {100 * flops * tokens / s / peak:.1f}% |"
         for impl, s in seconds.items()
     ]
     ratio = seconds["transformers"] / seconds["llmtrain"]
-    return rows + [f"| {name} | ratio llmtrain/transformers (tokens/s) | | {ratio:.2f}x | |"]
+    return rows + [f"| {label} | ratio llmtrain/transformers (tokens/s) | | {ratio:.2f}x | |"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", nargs="+", default=["gqa", "mla", "moe"], choices=["gqa", "mla", "moe"])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
     peak = matmul_peak_flops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print("| size | implementation | step ms (median) | tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for name in args.sizes:
-        print("\n".join(run_size(name, SIZES[name], args.steps, args.warmup, peak)), flush=True)
+        for kind in args.kinds:
+            print("\n".join(run_size(kind, name, SIZES[name], args.steps, args.warmup, peak)), flush=True)
 
 
 if __name__ == "__main__":

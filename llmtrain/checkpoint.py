@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
+from torch import Tensor, nn
 
 from llmtrain.hardware import rng_state, set_rng_state
 
@@ -38,6 +39,23 @@ def step_dir_name(step: int) -> str:
 
 def config_hash(config_yaml: str) -> str:
     return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+def unique_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict with one name per storage (a tied lm_head is stored once, as embed.weight).
+
+    Not `safetensors.save_model`: it records the dropped names as extra metadata entries, and the
+    order of several entries in the file header varies between processes, so two identical models
+    would not give identical files (and resume would not be byte-exact).
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.contiguous()
+    return unique
 
 
 def _fsync_tree(path: Path) -> None:
@@ -54,7 +72,7 @@ def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)                      # debris of a write that was killed
     tmp.mkdir()
-    save_model(trainer.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(unique_tensors(trainer.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                 "rng": rng_state(), "trainer": trainer.state_dict()}, tmp / "resume.pt")
     (tmp / "config.yaml").write_text(config_yaml)

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmtrain.checkpoint import load_checkpoint
+from llmtrain.pretrained import build, load_weights, source_model_node
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,27 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
-    """Instantiate the model node, taking the vocabulary size from the tokenizer when it is null."""
+    """Instantiate the model node, taking the vocabulary size from the tokenizer when it is null.
+
+    With `model.init_from=<path>` the architecture comes from the source (an HF folder's
+    config.json or a run's config.yaml) and replaces the model group's values in `cfg`, so the
+    resolved config records what was actually built; then the source's weights are loaded.
+    """
+    init_from = cfg.model.get("init_from")
+    if init_from:
+        node = source_model_node(init_from)
+        node.init_from = init_from
+        log.info("model.init_from=%s: the architecture and weights come from there", init_from)
+        cfg.model = node
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab_size
     elif cfg.model.vocab_size < vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size} tokens)")
     with hardware.init_device():
-        model = instantiate(cfg.model)
+        model = build(cfg.model)
+    if init_from:
+        load_weights(model, init_from)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %s parameters (%.2fM), vocab %d", type(model).__name__, f"{n:,}", n / 1e6,
              cfg.model.vocab_size)

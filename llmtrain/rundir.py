@@ -21,21 +21,22 @@ from omegaconf import DictConfig, OmegaConf
 PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "rich", "wandb", "numpy", "llmtrain")
 
 
-def find_checkpoint(resume: str | os.PathLike) -> Path:
-    """The checkpoint folder that `resume=<path>` names: a run directory or one of its checkpoints.
+def find_checkpoint(path: str | os.PathLike, option: str = "resume") -> Path:
+    """The checkpoint folder that `<option>=<path>` names: a run directory or one of its checkpoints.
 
     Raises:
-        ValueError: the path does not exist or holds no checkpoint.
+        ValueError: the path does not exist or holds no checkpoint (the message starts with `option=path`).
     """
-    path = Path(resume)
+    given = path
+    path = Path(path)
     if (path / "meta.json").is_file():
         return path
     latest = path / "checkpoints" / "latest"
     if (latest / "meta.json").is_file():
         return latest.resolve()
     if not path.exists():
-        raise ValueError(f"resume={resume}: no such directory")
-    raise ValueError(f"resume={resume}: no checkpoint there (expected {latest}/meta.json); "
+        raise ValueError(f"{option}={given}: no such directory")
+    raise ValueError(f"{option}={given}: no checkpoint there (expected {latest}/meta.json); "
                      "was the run stopped before its first checkpoint?")
 
 

@@ -52,8 +52,9 @@ def constant_multiplier(s: int, *, warmup_steps: int) -> float:
 def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_rate: float = 0.1) -> LambdaLR:
     """Linear warmup then cosine decay to `min_rate` x the peak lr over `total_steps`."""
     _check(warmup_steps, min_rate)
-    if warmup_steps >= total_steps:
-        raise ValueError(f"scheduler.warmup_steps={warmup_steps} must be < total steps ({total_steps})")
+    if warmup_steps >= total_steps:             # e.g. a 3-step trial of a preset: still runs
+        log.warning("cosine: scheduler.warmup_steps=%d >= the run's %d steps, so the lr only ramps up "
+                    "and never decays", warmup_steps, total_steps)
     fn = functools.partial(cosine_multiplier, total_steps=total_steps, warmup_steps=warmup_steps,
                            min_rate=min_rate)
     return LambdaLR(optimizer, fn)

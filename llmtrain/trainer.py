@@ -2,7 +2,11 @@
 
 The loop never branches on the strategy. Each optimizer step consumes a window of
 `accumulation_steps` micro-batches; every micro-batch loss is divided by the number of loss items
-in the whole window (SPECS 4.2), so a window is exactly one large batch. Hooks, in order:
+in the whole window (SPECS 4.2), so a window is exactly one large batch. Auxiliary losses that
+model modules record during a training forward (the MoE balance loss) are collected after each
+micro-batch, divided by the window length (they are per-sequence means) and added to that
+micro-batch's loss; the logged `loss` includes them and `aux_loss` reports their window mean
+(evaluation adds none). Hooks, in order:
 on_train_begin, on_epoch_begin, on_step_begin, on_batch_begin, on_batch_end,
 on_before_optimizer_step, on_step_end, on_epoch_end, on_train_end (or on_exception, when the loop
 raises, Ctrl-C included).
@@ -22,6 +26,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from llmtrain.callbacks.base import Callback
 from llmtrain.hardware import Hardware
+from llmtrain.models.moe import collect_aux_loss
 from llmtrain.strategies.base import Strategy
 
 
@@ -121,6 +126,9 @@ class Trainer:
             batch = self.hardware.to_device(batch)
             with self.hardware.autocast():
                 loss, parts = self.strategy.loss(self.model, batch, num_items)
+            if (aux := collect_aux_loss(self.model)) is not None:
+                aux = aux / len(window)      # per-sequence means: N equal micro-batches = one batch of N
+                loss, parts = loss + aux, {**parts, "aux_loss": aux.detach()}
             loss.backward()
             _accumulate(totals, {"loss": loss.detach(), **parts})
             tokens += batch["input_ids"].numel()
@@ -134,9 +142,10 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         values = dict(zip(totals, torch.stack(list(totals.values())).tolist()))   # one device sync
+        aux = {"aux_loss": values.pop("aux_loss")} if "aux_loss" in values else {}   # not the strategy's
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration, "lr": lr,
-                **self.strategy.summarize(values), "grad_norm": float(self.grad_norm),
+                **self.strategy.summarize(values), **aux, "grad_norm": float(self.grad_norm),
                 "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - self._clock_zero}
 
     @torch.no_grad()

@@ -76,3 +76,69 @@ def naive_block(block: torch.nn.Module, x_BTD: Tensor, theta: float, eps: float)
     ffn = block.ffn
     h = naive_rms_norm(x, block.ffn_norm.weight, eps)
     return x + naive_swiglu(h, ffn.w1.weight.double(), ffn.w2.weight.double(), ffn.w3.weight.double())
+
+
+def naive_moe(moe: torch.nn.Module, x_BTD: Tensor) -> Tensor:
+    """MoE forward token by token in float64 (SPECS 3.1): softmax router, top-K, optional
+    renormalisation (never for K = 1), routed_scaling_factor, plus the shared expert."""
+    x_ND = x_BTD.double().reshape(-1, x_BTD.shape[-1])
+    y_ND = torch.zeros_like(x_ND)
+    K = moe.n_experts_per_tok
+
+    def swiglu(ffn: torch.nn.Module, u: Tensor) -> Tensor:
+        return naive_swiglu(u, ffn.w1.weight.double(), ffn.w2.weight.double(), ffn.w3.weight.double())
+
+    for n, u in enumerate(x_ND):
+        scores = torch.softmax(moe.gate.weight.double() @ u, dim=0)
+        chosen = sorted(range(len(scores)), key=lambda e: -scores[e].item())[:K]
+        weights = [scores[e] for e in chosen]
+        if moe.norm_topk_prob and K > 1:
+            weights = [w / sum(weights) for w in weights]
+        for e, w in zip(chosen, weights):
+            y_ND[n] += w * moe.routed_scaling_factor * swiglu(moe.experts[e], u)
+        if moe.shared is not None:
+            y_ND[n] += swiglu(moe.shared, u)
+    return y_ND.view(x_BTD.shape)
+
+
+def naive_balance(scores_TE: Tensor, experts_TK: Tensor) -> float:
+    """sum_i f_i P_i over one group of T tokens, with f and P written out as in SPECS 3.2."""
+    T, E = scores_TE.shape
+    K = experts_TK.shape[1]
+    total = 0.0
+    for i in range(E):
+        f_i = E / (K * T) * sum(int(i in experts_TK[t].tolist()) for t in range(T))
+        P_i = sum(scores_TE[t, i].item() for t in range(T)) / T
+        total += f_i * P_i
+    return total
+
+
+def naive_mla(attn: torch.nn.Module, x_BTD: Tensor, theta: float) -> Tensor:
+    """MLAttention's forward rebuilt from its weights by SPECS 2.1, term by term, in float64.
+
+    Keys and values are expanded per head, the rope key is one vector broadcast to every head,
+    and the two score terms are added before an explicit causal mask.
+    """
+    B, T, _ = x_BTD.shape
+    H, N, R, V, C = (attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim,
+                     attn.kv_lora_rank)
+    x = x_BTD.double()
+    if attn.q_lora_rank is None:
+        q = x @ attn.wq.weight.double().T
+    else:
+        c_q = naive_rms_norm(x @ attn.wq_a.weight.double().T, attn.q_norm.weight, attn.q_norm.eps)
+        q = c_q @ attn.wq_b.weight.double().T
+    q_BHTQ = q.view(B, T, H, N + R).transpose(1, 2)
+    kv_a = x @ attn.wkv_a.weight.double().T
+    c_kv_BTC = naive_rms_norm(kv_a[..., :C], attn.kv_norm.weight, attn.kv_norm.eps)
+    positions_T = torch.arange(T)
+    q_pe_BHTR = naive_rope(q_BHTQ[..., N:], positions_T, theta)
+    k_pe_B1TR = naive_rope(kv_a[..., C:].unsqueeze(1), positions_T, theta)
+    kv_BHTX = (c_kv_BTC @ attn.wkv_b.weight.double().T).view(B, T, H, N + V).transpose(1, 2)
+    k_nope_BHTN, v_BHTV = kv_BHTX[..., :N], kv_BHTX[..., N:]
+    scores_BHTT = (q_BHTQ[..., :N] @ k_nope_BHTN.transpose(-1, -2)
+                   + q_pe_BHTR @ k_pe_B1TR.transpose(-1, -2)) / math.sqrt(N + R)
+    future_TT = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    p_BHTT = torch.softmax(scores_BHTT.masked_fill(future_TT, float("-inf")), dim=-1)
+    y_BHTV = p_BHTT @ v_BHTV
+    return y_BHTV.transpose(1, 2).reshape(B, T, H * V) @ attn.wo.weight.double().T

@@ -101,3 +101,21 @@ def test_sigkill_during_writes_leaves_latest_loadable(tmp_path):
     latest = tmp_path / "latest"
     meta = load_checkpoint(latest, make_trainer(1, 1))
     assert meta["step"] >= 3
+
+
+def test_identical_weights_give_identical_files_in_separate_processes(tmp_path):
+    """The weights file must not depend on the process (e.g. header order), or resume is not byte-exact."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from llmtrain.checkpoint import save_checkpoint
+        from tests.test_trainer import make_trainer
+        torch.manual_seed(0)
+        save_checkpoint(__import__("pathlib").Path(sys.argv[1]), make_trainer(1, 1))
+    """)
+    files = []
+    for i, hash_seed in enumerate(("1", "2", "3")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, cwd=REPO)
+        files.append((tmp_path / str(i) / "step_000000" / "model.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]

@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from llmtrain.pretrained import build
 from tests.conftest import REPO, compose_cfg, group_options
 
 GROUPS = ("model", "model/size", "strategy", "optimizer", "scheduler", "data", "hardware", "callbacks")
-COMBOS = list(itertools.product(*(group_options(g) for g in GROUPS)))
+MODELS, SIZES = group_options("model"), group_options("model/size")
+
+
+def attention_of(model: str) -> str:
+    """The model/attention option a model file selects (gqa for gqa and moe, mla for mla)."""
+    compose_cfg(f"model={model}", "paths.output_dir=unused")
+    return HydraConfig.get().runtime.choices["model/attention"]
+
+
+def family_of(size: str) -> str:
+    """The attention a size preset is written for: mla_tiny -> mla; unprefixed presets are GQA's."""
+    return size.split("_")[0] if "_" in size else "gqa"
+
+
+# A size preset sets its attention's own keys (n_kv_heads, kv_lora_rank...), so it fits only
+# models with that attention; the other pairs are checked to fail, not left out.
+FAMILY = {model: attention_of(model) for model in MODELS}
+MODEL_SIZES = [(m, s) for m in MODELS for s in SIZES if family_of(s) == FAMILY[m]]
+MISFITS = [(m, s) for m in MODELS for s in SIZES if family_of(s) != FAMILY[m]]
+OTHER_OPTIONS = [group_options(g) for g in GROUPS[2:]]
+COMBOS = [pair + rest for pair in MODEL_SIZES for rest in itertools.product(*OTHER_OPTIONS)]
 
 
 def test_groups_are_discovered():
     assert len(COMBOS) >= 54            # guards against a test that silently checks nothing
-    assert {"tiny", "small", "1b"} <= set(group_options("model/size"))
+    assert len(COMBOS) == len(MODEL_SIZES) * math.prod(len(options) for options in OTHER_OPTIONS)
+    assert {"tiny", "small", "1b", "mla_tiny", "mla_small", "mla_1b"} <= set(SIZES)
     assert {"cosine", "sgdr", "constant"} <= set(group_options("scheduler"))
+
+
+def test_every_size_fits_some_model_and_every_model_has_its_family_sizes():
+    assert {s for _, s in MODEL_SIZES} == set(SIZES)       # no preset is silently never built
+    for model in MODELS:
+        assert {s for m, s in MODEL_SIZES if m == model} == {s for s in SIZES if family_of(s) == FAMILY[model]}
+    assert {("gqa", "tiny"), ("mla", "mla_tiny"), ("mla", "mla_1b")} <= set(MODEL_SIZES)
+    assert len(MODEL_SIZES) + len(MISFITS) == len(MODELS) * len(SIZES)
 
 
 MUST_BE_GIVEN = {"data.paths"}     # the only ??? values: things no default can know
@@ -32,19 +64,28 @@ def test_every_combination_composes_and_resolves(combo, tmp_path):
     assert OmegaConf.missing_keys(cfg) <= MUST_BE_GIVEN
 
 
-@pytest.mark.parametrize("size", group_options("model/size"))
-@pytest.mark.parametrize("model", group_options("model"))
+@pytest.mark.parametrize("model, size", MODEL_SIZES, ids=["-".join(pair) for pair in MODEL_SIZES])
 def test_every_model_builds_on_meta(model, size, tmp_path):
     cfg = compose_cfg(f"model={model}", f"model/size={size}", f"paths.output_dir={tmp_path}")
     with torch.device("meta"):
-        net = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or 264)
+        net = build(cfg.model, vocab_size=cfg.model.vocab_size or 264)
     assert all(p.is_meta for p in net.parameters())
 
 
-def test_1b_preset_has_one_billion_parameters(tmp_path):
-    cfg = compose_cfg("model/size=1b", f"paths.output_dir={tmp_path}")
+@pytest.mark.parametrize("model, size", MISFITS, ids=["-".join(pair) for pair in MISFITS])
+def test_size_preset_of_another_attention_fails_at_build(model, size, tmp_path):
+    cfg = compose_cfg(f"model={model}", f"model/size={size}", f"paths.output_dir={tmp_path}")
+    # MLA names the presets to use instead; GQA names the MLA key it does not take.
+    message = r"model/size=mla_tiny, mla_small or mla_1b" if FAMILY[model] == "mla" else "kv_lora_rank"
+    with pytest.raises(InstantiationException, match=message), torch.device("meta"):
+        build(cfg.model, vocab_size=cfg.model.vocab_size or 264)
+
+
+@pytest.mark.parametrize("model, size", [("gqa", "1b"), ("mla", "mla_1b")])
+def test_1b_presets_have_one_billion_parameters(model, size, tmp_path):
+    cfg = compose_cfg(f"model={model}", f"model/size={size}", f"paths.output_dir={tmp_path}")
     with torch.device("meta"):
-        net = instantiate(cfg.model)
+        net = build(cfg.model)
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - 1.0e9) <= 0.05e9, n
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -10,11 +11,13 @@ from llmtrain.callbacks.base import Callback
 from llmtrain.hardware import Hardware
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.moe import MoE
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
 from llmtrain.strategies.seq import NextToken
 from llmtrain.trainer import Trainer, plan_steps
+from tests.reference import naive_balance
 
 
 class RowData:
@@ -53,10 +56,10 @@ def uneven_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def make_trainer(batch_size: int, accumulation_steps: int, callbacks=()) -> Trainer:
+def make_trainer(batch_size: int, accumulation_steps: int, callbacks=(), ffn=SwiGLU) -> Trainer:
     torch.manual_seed(0)
     model = Transformer(vocab_size=50, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
-                        n_kv_heads=2), ffn=functools.partial(SwiGLU))
+                        n_kv_heads=2), ffn=functools.partial(ffn))
     return Trainer(model=model, strategy=NextToken(), data=RowData(*uneven_rows(), batch_size),
                    optimizer=adamw(model.named_parameters(), lr=1e-3), scheduler=constant,
                    hardware=Hardware(device="cpu", precision="fp32"), callbacks=list(callbacks),
@@ -74,6 +77,45 @@ def test_accumulated_window_has_the_gradients_of_one_big_batch():
         assert abs(loss - big_loss) < 1e-6
         for name in big:
             torch.testing.assert_close(grads[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+MOE = functools.partial(MoE, n_routed_experts=4, n_experts_per_tok=2, expert_hidden_dim=16, aux_loss_coef=0.1)
+
+
+def test_moe_accumulated_window_with_aux_loss_has_the_gradients_of_one_big_batch():
+    results = []
+    for batch_size, accumulation in [(4, 1), (1, 4), (2, 2)]:
+        snapshot = GradSnapshot()
+        metrics = make_trainer(batch_size, accumulation, [snapshot], ffn=MOE).fit()
+        results.append((snapshot.grads, metrics))
+    (big, big_metrics), *others = results
+    assert big_metrics["aux_loss"] > 0.1      # 2 layers, about 1 x coef each
+    for grads, metrics in others:
+        for key in ("loss", "aux_loss"):
+            assert abs(metrics[key] - big_metrics[key]) < 1e-6, key
+        for name in big:
+            torch.testing.assert_close(grads[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+def test_moe_logged_loss_is_cross_entropy_plus_the_balance_formula():
+    trainer = make_trainer(4, 1, ffn=MOE)
+    ids, labels = uneven_rows()
+    router_inputs = []
+    hooks = [layer.ffn.register_forward_hook(lambda m, args, out: router_inputs.append(args[0].detach()))
+             for layer in trainer.model.layers]
+    with torch.no_grad():
+        logits = trainer.model(ids)
+    for hook in hooks:
+        hook.remove()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    aux = 0.0
+    for layer, u_BTD in zip(trainer.model.layers, router_inputs):
+        scores_BTE = torch.softmax(u_BTD @ layer.ffn.gate.weight.T, dim=-1)
+        experts_BTK = scores_BTE.topk(2, dim=-1).indices
+        aux += 0.1 * sum(naive_balance(scores_BTE[b], experts_BTK[b]) for b in range(4)) / 4
+    metrics = trainer.fit()
+    assert abs(metrics["aux_loss"] - aux) < 1e-6
+    assert abs(metrics["loss"] - (ce.item() + aux)) < 1e-5 and abs(math.log(metrics["ppl"]) - ce.item()) < 1e-5
 
 
 def test_logged_loss_is_the_token_mean_of_the_window():

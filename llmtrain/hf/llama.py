@@ -6,9 +6,9 @@ no q/k permutation is needed. A tied model is written without `lm_head.weight` a
 on q/k/v (and none on o_proj), which is what GQAttention(bias=True) builds.
 """
 
-import torch
 from torch import Tensor
 
+from llmtrain.hf.common import load_renamed, pop_tied_head, untied_state
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
@@ -47,7 +47,7 @@ def hf_name(name: str) -> str:
 def to_hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     """The model's weights under HF Llama/Qwen2 names; contiguous, lm_head left out when tied."""
     _check_exportable(model)
-    return {hf_name(name): tensor.contiguous() for name, tensor in _untied_state(model).items()}
+    return {hf_name(name): tensor.contiguous() for name, tensor in untied_state(model).items()}
 
 
 def from_hf_state_dict(state: dict[str, Tensor], model: Transformer) -> None:
@@ -64,34 +64,10 @@ def from_hf_state_dict(state: dict[str, Tensor], model: Transformer) -> None:
     """
     _check_exportable(model)
     state = dict(state)
-    if model.tie_embeddings and "lm_head.weight" in state:
-        if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
-            raise ValueError("model is tied but the checkpoint's lm_head.weight differs from embed_tokens")
-    expected = {hf_name(name): (name, tensor.shape) for name, tensor in _untied_state(model).items()}
-    _check_names_and_shapes(state, {hf_key: shape for hf_key, (_, shape) in expected.items()})
-    ours = {name: state[hf_key] for hf_key, (name, _) in expected.items()}
-    if model.tie_embeddings:
-        ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets strict=True pass
-    model.load_state_dict(ours, strict=True)
+    pop_tied_head(state, model)
+    load_renamed(state, model, hf_name)
 
 
-def _untied_state(model: Transformer) -> dict[str, Tensor]:
-    state = model.state_dict()
-    if model.tie_embeddings:
-        del state["lm_head.weight"]  # one name per storage (safetensors #98); HF re-ties on load
-    return state
-
-
-def _check_names_and_shapes(state: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
-    if missing := sorted(set(shapes) - set(state)):
-        raise ValueError(f"checkpoint lacks tensors {missing}")
-    if unexpected := sorted(set(state) - set(shapes)):
-        raise ValueError(f"checkpoint has unexpected tensors {unexpected}")
-    for name, shape in shapes.items():
-        if state[name].shape != shape:
-            raise ValueError(
-                f"shape mismatch for {name}: checkpoint {tuple(state[name].shape)}, model {tuple(shape)}"
-            )
 
 
 def llama_config(
@@ -135,6 +111,57 @@ def llama_config(
     if not qwen2:
         config |= {"attention_bias": False, "mlp_bias": False}
     return config
+
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def can_export(model: Transformer) -> bool:
+    """Whether every layer is GQAttention + SwiGLU (the Llama/Qwen2 shape)."""
+    return all(isinstance(layer.attn, GQAttention) and isinstance(layer.ffn, SwiGLU) for layer in model.layers)
+
+
+def hf_config(model: Transformer, bos_token_id: int | None, eos_token_id: int | None,
+              pad_token_id: int | None) -> dict:
+    return llama_config(model, bos_token_id, eos_token_id, pad_token_id)
+
+
+def model_node(config: dict) -> dict:
+    """The llmtrain `model` config node that rebuilds a Llama/Qwen2 checkpoint's architecture.
+
+    Raises:
+        ValueError: naming the config.json key this converter cannot reproduce.
+    """
+    qwen2 = config["architectures"][0] == "Qwen2ForCausalLM"
+    rope = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    found = {   # config.json key -> (its value, whether llmtrain can reproduce it)
+        "hidden_act": (config.get("hidden_act", "silu"), config.get("hidden_act", "silu") == "silu"),
+        "rope_scaling": (scaling, not scaling),
+        "attention_bias": (config.get("attention_bias", False), qwen2 or not config.get("attention_bias", False)),
+        "mlp_bias": (config.get("mlp_bias", False), not config.get("mlp_bias", False)),
+        "use_sliding_window": (config.get("use_sliding_window", False), not config.get("use_sliding_window", False)),
+    }
+    if bad := [f"{key}={value!r}" for key, (value, ok) in found.items() if not ok]:
+        raise ValueError(f"config.json: {', '.join(bad)} is not supported by llmtrain's GQA model")
+    n_heads = config["num_attention_heads"]
+    return {
+        "_target_": "llmtrain.models.transformer.Transformer",
+        "vocab_size": config["vocab_size"],
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "rope_theta": float(theta),
+        "max_seq_len": config.get("max_position_embeddings", 2048),
+        "tie_embeddings": config.get("tie_word_embeddings", False),
+        "init_std": config.get("initializer_range", 0.02),
+        "attention": {"_target_": "llmtrain.models.attention_gqa.GQAttention", "_partial_": True,
+                      "n_heads": n_heads, "n_kv_heads": config.get("num_key_value_heads", n_heads),
+                      "head_dim": config.get("head_dim") or config["hidden_size"] // n_heads, "bias": qwen2},
+        "ffn": {"_target_": "llmtrain.models.ffn.SwiGLU", "_partial_": True,
+                "hidden_dim": config["intermediate_size"]},
+    }
 
 
 def _check_exportable(model: Transformer) -> None:

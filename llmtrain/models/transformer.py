@@ -7,17 +7,23 @@
 The attention and feed-forward classes are injected as factories (Hydra `_partial_: true`
 nodes), called once per layer as `attention(dim=dim)` and `ffn(dim=dim)`, so a new flavour
 (MLA, MoE) is a new file and a new YAML option, not a branch here. One RotaryEmbedding serves
-all layers; its cos/sin are computed once per forward.
+all layers; its cos/sin are computed once per forward, and so is the attention mask.
+
+Generation uses a preallocated KV cache (`new_cache`, then `forward(..., cache=cache)`) and
+left-padded batches (`attention_mask_BT`); the interface every attention keeps is documented in
+llmtrain/models/kv_cache.py.
 
 Shape legend: B batch, T sequence, D model width, V vocabulary.
 """
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from llmtrain.models.kv_cache import KVCache, padding_attention_mask
 from llmtrain.models.norm import RMSNorm
 from llmtrain.models.rope import RotaryEmbedding
 
@@ -30,7 +36,8 @@ class Block(nn.Module):
 
     Args:
         dim: Model width D.
-        attention: Factory called as `attention(dim=dim)`; the module maps (x_BTD, cos, sin) -> y_BTD.
+        attention: Factory called as `attention(dim=dim)`; the module maps
+            (x_BTD, cos, sin, mask, cache) -> y_BTD (kv_cache.py states the contract).
         ffn: Factory called as `ffn(dim=dim)`; the module maps x_BTD -> y_BTD.
         norm_eps: Epsilon of both RMSNorms.
     """
@@ -44,9 +51,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = ffn(dim=dim)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Returns the updated residual stream x_BTD."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: Any = None) -> Tensor:
+        """Returns the updated residual stream x_BTD; `mask` and `cache` go to the attention."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
@@ -99,21 +107,54 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.init_weights()
 
-    def forward(self, ids_BT: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Next-token logits.
+    def forward(self, ids_BT: Tensor, positions: Tensor | None = None, attention_mask_BT: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """Next-token logits of the T given tokens.
 
         Args:
-            ids_BT: Token ids.
-            positions: Positions (T,) or (B, T); None means 0 .. T-1.
+            ids_BT: Token ids (with a cache: the new tokens only).
+            positions: Positions (T,) or (B, T); None means each token's index among the real
+                tokens of its row (0 .. T-1 without padding, continuing after the cache).
+            attention_mask_BT: 1 = real token, 0 = left pad, for the T new tokens; None = all real.
+            cache: From `new_cache`; the layers append to it and attend over everything in it.
 
         Returns:
             logits_BTV in the model's dtype (callers upcast for the loss if they need to).
         """
+        T = ids_BT.shape[1]
+        past = 0 if cache is None else cache.length
+        if past + T > self.rope.max_seq_len:
+            raise ValueError(f"{past} cached + {T} new tokens exceed max_seq_len={self.rope.max_seq_len} "
+                             "(the RoPE table); shorten the input or build the model with a larger max_seq_len")
+        if cache is None:
+            default_positions, mask = _padding_positions_and_mask(attention_mask_BT)
+            caches = [None] * self.n_layers
+        else:
+            default_positions = cache.advance(attention_mask_BT, T)
+            mask = padding_attention_mask(cache.key_mask_BS[:, :past + T], T) if cache.padded else None
+            caches = cache.layers
+        cos, sin = self.rope(T, default_positions if positions is None else positions)
         x_BTD = self.embed(ids_BT)
-        cos, sin = self.rope(ids_BT.shape[1], positions)
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos, sin)
+        for layer, layer_cache in zip(self.layers, caches):
+            x_BTD = layer(x_BTD, cos, sin, mask, layer_cache)
+        if cache is not None:
+            cache.finish_step(T)
         return self.lm_head(self.norm(x_BTD))
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated).
+
+        dtype and device default to the embedding's. Raises ValueError when `max_len` exceeds the
+        RoPE table, so a too-long generation fails before the prompt is processed.
+        """
+        if max_len > self.rope.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds max_seq_len={self.rope.max_seq_len} "
+                             "(the RoPE table); generate fewer tokens or use a shorter prompt")
+        dtype = self.embed.weight.dtype if dtype is None else dtype
+        device = self.embed.weight.device if device is None else device
+        layers = [layer.attn.new_cache(batch_size, max_len, dtype, device) for layer in self.layers]
+        return KVCache(layers, batch_size, max_len, device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Transformer":
         # `to_empty` off the meta device gives each module its own new Parameter, which would
@@ -158,3 +199,15 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """Number of distinct parameter elements (a tied matrix counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _padding_positions_and_mask(mask_BT: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Positions cumsum(mask) - 1 and the (B, 1, T, T) attention mask of a left-padded batch.
+
+    (None, None) when there is no padding: the default positions and the is_causal fast path.
+    """
+    if mask_BT is None or bool(mask_BT.all()):
+        return None, None
+    mask_BT = mask_BT.bool()
+    positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)  # pads get any valid position (SPECS 7.4)
+    return positions_BT, padding_attention_mask(mask_BT, mask_BT.shape[1])

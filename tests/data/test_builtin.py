@@ -19,17 +19,25 @@ def data() -> BuiltinTask:
 
 
 class Oracle(torch.nn.Module):
-    """Puts all its mass on the next token of the correct answer (or on byte 0 when lost)."""
+    """Puts all its mass on the next token of the correct answer (or on byte 0 when lost).
+
+    Keeps the generate interface (llmtrain.models.kv_cache): its "cache" is each row's real tokens so far.
+    """
 
     def __init__(self, targets: list[list[int]], vocab_size: int) -> None:
         super().__init__()
         self.next = {tuple(t[:i]): t[i] for t in targets for i in range(1, len(t))}
         self.vocab_size = vocab_size
 
-    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[list[int]]:
+        return [[] for _ in range(batch_size)]
+
+    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None) -> torch.Tensor:
+        mask_BT = torch.ones_like(ids_BT) if attention_mask_BT is None else attention_mask_BT
         logits_BTV = torch.zeros(*ids_BT.shape, self.vocab_size)
-        for b, row in enumerate(ids_BT.tolist()):
-            logits_BTV[b, -1, self.next.get(tuple(row), 8)] = 1.0
+        for b, (row, real) in enumerate(zip(ids_BT.tolist(), mask_BT.tolist())):
+            cache[b] += [t for t, keep in zip(row, real) if keep]
+            logits_BTV[b, -1, self.next.get(tuple(cache[b]), 8)] = 1.0
         return logits_BTV
 
 
@@ -38,7 +46,10 @@ class RandomModel(torch.nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
 
-    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
+        return None
+
+    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None) -> torch.Tensor:
         return torch.randn(*ids_BT.shape, self.vocab_size)
 
 

@@ -14,8 +14,9 @@ from tests.e2e.test_cli import run_cli
 
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS for line in block.splitlines()
-            if line.startswith("python run.py")]
+SEQUENCE = next(block for block in BLOCKS if "llmtrain export" in block)   # commands that build on each other
+COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block is not SEQUENCE
+            for line in block.splitlines() if line.startswith("python run.py")]
 RESUME_PLACEHOLDER = "outputs/2026-11-24/10-00-00"
 
 
@@ -51,9 +52,26 @@ def test_readme_run_command(command, tmp_path):
     assert "run directory" in result.stdout + result.stderr
 
 
+def test_readme_variant_block_runs_in_order(tmp_path):
+    """model variants, then generate / export from a run, then a run that starts from the export."""
+    assert run_cli("debug=smoke", "hardware=cpu", f"hydra.run.dir={tmp_path / RESUME_PLACEHOLDER}",
+                   cwd=tmp_path).returncode == 0
+    lines = [line.split("  #")[0].strip() for line in SEQUENCE.splitlines() if line.strip()]
+    assert len(lines) >= 6 and any(line.startswith("llmtrain generate") for line in lines)
+    for line in lines:
+        args = shlex.split(line)
+        if args[0] == "llmtrain":
+            result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=600)
+        else:
+            result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=tmp_path)
+        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "exported_hf" / "config.json").is_file()
+
+
 def test_readme_benchmark_command_runs():
     command = re.search(r"`(python benchmarks/train_throughput.py)`", README).group(1)
     result = subprocess.run([sys.executable, *shlex.split(command)[1:], "--sizes", "tiny", "--steps", "2",
                              "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "| tiny | ratio llmtrain/transformers" in result.stdout
+    assert "| tiny gqa | ratio llmtrain/transformers" in result.stdout and "| tiny moe | ratio" in result.stdout

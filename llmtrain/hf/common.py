@@ -1,0 +1,50 @@
+"""Helpers every HF family converter shares: one name per tensor, and name/shape checks on import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from llmtrain.models.transformer import Transformer
+
+
+def untied_state(model: Transformer) -> dict[str, Tensor]:
+    """The model's state dict with a tied lm_head left out (one name per storage, safetensors #98)."""
+    state = model.state_dict()
+    if model.tie_embeddings:
+        del state["lm_head.weight"]          # HF re-ties it on load from tie_word_embeddings
+    return state
+
+
+def check_names_and_shapes(state: dict[str, Tensor], shapes: dict[str, torch.Size]) -> None:
+    """Raise ValueError naming every missing or unexpected tensor, or the first with a wrong shape."""
+    if missing := sorted(set(shapes) - set(state)):
+        raise ValueError(f"checkpoint lacks tensors {missing}")
+    if unexpected := sorted(set(state) - set(shapes)):
+        raise ValueError(f"checkpoint has unexpected tensors {unexpected}")
+    for name, shape in shapes.items():
+        if state[name].shape != shape:
+            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(state[name].shape)}, model {tuple(shape)}")
+
+
+def pop_tied_head(state: dict[str, Tensor], model: Transformer) -> None:
+    """Drop an HF `lm_head.weight` from `state` for a tied model, after checking it is the embedding."""
+    if model.tie_embeddings and "lm_head.weight" in state:
+        if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
+            raise ValueError("model is tied but the checkpoint's lm_head.weight differs from embed_tokens")
+
+
+def load_renamed(state: dict[str, Tensor], model: Transformer, hf_name: Callable[[str], str],
+                 convert: Callable[[str, Tensor], Tensor] = lambda name, tensor: tensor) -> None:
+    """Load HF-named `state` into `model`: every model tensor must be there under `hf_name(name)`.
+
+    `convert(our_name, tensor)` undoes any scaling the exporter applied.
+    """
+    expected = {hf_name(name): (name, tensor.shape) for name, tensor in untied_state(model).items()}
+    check_names_and_shapes(state, {hf_key: shape for hf_key, (_, shape) in expected.items()})
+    ours = {name: convert(name, state[hf_key]) for hf_key, (name, _) in expected.items()}
+    if model.tie_embeddings:
+        ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets strict=True pass
+    model.load_state_dict(ours, strict=True)

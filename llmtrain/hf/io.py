@@ -1,0 +1,110 @@
+"""Hugging Face model folders: write one from an llmtrain model, read one back into llmtrain.
+
+A folder is config.json + model.safetensors (or sharded model-*.safetensors with an index) +
+tokenizer files. Each architecture family is a module with the same five functions:
+
+    ARCHITECTURES                    the HF class names it imports
+    can_export(model) -> bool        whether it can write this llmtrain model
+    hf_config(model, bos, eos, pad)  the config.json dict
+    to_hf_state_dict(model)          weights under HF names
+    from_hf_state_dict(state, model) load HF-named weights into an llmtrain model (names and shapes checked)
+    model_node(config) -> dict       the llmtrain `model` config node that rebuilds the architecture
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmtrain.data.tokenizer import ByteTokenizer
+from llmtrain.hf import deepseek, llama, qwen2_moe
+from llmtrain.hf.tokenizer import write_tokenizer_files
+
+FAMILIES: tuple[ModuleType, ...] = (llama, qwen2_moe, deepseek)
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def family_for_config(config: dict, path: str | os.PathLike) -> ModuleType:
+    architecture = (config.get("architectures") or ["<none>"])[0]
+    for family in FAMILIES:
+        if architecture in family.ARCHITECTURES:
+            return family
+    known = [name for family in FAMILIES for name in family.ARCHITECTURES]
+    raise ValueError(f"{Path(path) / 'config.json'}: architecture {architecture!r} cannot be imported; "
+                     f"llmtrain reads {known}")
+
+
+def family_for_model(model: nn.Module) -> ModuleType:
+    for family in FAMILIES:
+        if family.can_export(model):
+            return family
+    layer = model.layers[0]
+    raise ValueError(f"no Hugging Face export for {type(layer.attn).__name__} attention with "
+                     f"{type(layer.ffn).__name__} feed-forward")
+
+
+def model_node(path: str | os.PathLike) -> dict:
+    """The llmtrain `model` node that rebuilds the HF checkpoint in `path`."""
+    config = read_config(path)
+    return family_for_config(config, path).model_node(config)
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's model.safetensors (or its shards)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise ValueError(f"{path}: no model.safetensors (or model.safetensors.index.json); convert .bin "
+                         "checkpoints to safetensors first")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state |= load_file(str(path / shard))
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load the HF checkpoint in `path` into `model` (built from `model_node(path)`)."""
+    family = family_for_config(read_config(path), path)
+    state = {name: tensor for name, tensor in read_state(path).items() if not name.endswith("rotary_emb.inv_freq")}
+    dtype = next(model.parameters()).dtype
+    family.from_hf_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, model)
+
+
+def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `model` and `tokenizer` as a HF folder; refuses to replace an existing folder.
+
+    The folder is written next to its destination under a temporary name and renamed at the end,
+    so an interrupted export never leaves a half-written model that looks complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new folder (nothing is overwritten)")
+    family = family_for_model(model)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    config = family.hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(family.to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer_files(tokenizer, tmp)
+    tmp.rename(out_dir)
+    return out_dir

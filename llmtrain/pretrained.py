@@ -1,0 +1,68 @@
+"""Models that start from saved weights: an llmtrain checkpoint or a Hugging Face folder.
+
+`model.init_from=<path>` (any strategy) and the `llmtrain generate` / `llmtrain export` commands
+go through here. The source decides the architecture: a checkpoint's config.yaml, or the HF
+config.json, gives the `model` node, so a fine-tuning stage cannot silently build a different
+shape than the weights it loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model
+from torch import nn
+
+from llmtrain.hf import io as hf_io
+from llmtrain.rundir import find_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def source_model_node(init_from: str | os.PathLike) -> DictConfig:
+    """The `model` node of the weights in `init_from` (HF folder, run directory or checkpoint)."""
+    if hf_io.is_hf_dir(init_from):
+        return OmegaConf.create(hf_io.model_node(init_from))
+    saved = checkpoint_config(find_checkpoint(init_from, "model.init_from"))
+    node = OmegaConf.create(OmegaConf.to_container(saved.model))
+    node.pop("init_from", None)
+    return node
+
+
+def checkpoint_config(checkpoint: Path) -> DictConfig:
+    return OmegaConf.create((checkpoint / "config.yaml").read_text())
+
+
+def build(node: DictConfig, **kwargs: Any) -> nn.Module:
+    """Instantiate a `model` node (its `init_from` key is ours, not the model's)."""
+    node = OmegaConf.create(OmegaConf.to_container(node))        # detached from the struct-mode run config
+    node.pop("init_from", None)
+    return instantiate(node, **kwargs)
+
+
+def load_weights(model: nn.Module, init_from: str | os.PathLike) -> None:
+    """Copy the weights of `init_from` into `model`; every name and shape must match."""
+    if hf_io.is_hf_dir(init_from):
+        hf_io.load_weights(model, init_from)
+        return
+    checkpoint = find_checkpoint(init_from, "model.init_from")
+    device = str(next(model.parameters()).device)
+    missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False, device=device)
+    if missing or unexpected:
+        raise ValueError(f"model.init_from={init_from}: {checkpoint}/model.safetensors does not fit the model: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    log.info("initial weights from %s", checkpoint)
+
+
+def load_checkpoint_model(path: str | os.PathLike, option: str = "checkpoint") -> tuple[nn.Module, Any, DictConfig]:
+    """(model in eval mode on the CPU, its tokenizer, the run config) of a run directory or checkpoint."""
+    checkpoint = find_checkpoint(path, option)
+    cfg = checkpoint_config(checkpoint)
+    model = build(cfg.model)
+    load_weights(model, checkpoint)
+    return model.eval(), instantiate(cfg.data.tokenizer), cfg
