@@ -75,3 +75,11 @@ def test_readme_benchmark_command_runs():
                              "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| tiny gqa | ratio llmtrain/transformers" in result.stdout and "| tiny moe | ratio" in result.stdout
+
+
+def test_readme_generation_benchmark_command_runs():
+    command = re.search(r"`(python benchmarks/generate_throughput.py)`", README).group(1)
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:], "--sizes", "tiny", "--repeats", "1",
+                             "--new-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| gqa tiny | ratio llmtrain/transformers" in result.stdout and "| mla tiny | llmtrain |" in result.stdout
