@@ -9,9 +9,7 @@ from llmtrain.generate import generate
 from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
-
-LENGTHS = (3, 5, 8, 13)
-V = 64
+from tests.models.test_kv_cache import LENGTHS, V, left_padded, prompts
 C, R = 20, 8  # kv_lora_rank != nope (16), v (12) != nope + rope (24)
 
 
@@ -29,18 +27,12 @@ def tiny_mla(q_lora_rank: int | None = 10) -> Transformer:
     return model.eval()
 
 
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, V, (n,), generator=g).tolist() for n in LENGTHS]
-
-
 @torch.no_grad()
 def test_cached_decode_equals_full_forward_at_every_step():
     """64 greedy steps from left-padded mixed-length prompts; each step's logits == a full forward."""
     model, rows = tiny_mla(), prompts()
     P = max(LENGTHS)
-    ids = torch.tensor([[0] * (P - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_padded(rows)
     cache = model.new_cache(len(rows), P + 64)
     logits_BV = model(ids, attention_mask_BT=mask, cache=cache)[:, -1]
     for _ in range(64):
