@@ -1,14 +1,22 @@
 """python run.py [group=option ...] [key=value ...]: compose conf/ and train (see README.md)."""
 
+import signal
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from llmtrain.entry import train
+from llmtrain.trainer import StopRequested
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except StopRequested as stop:        # SIGTERM / Ctrl-C: checkpointed; the shell convention 128 + signal
+        print(stop, file=sys.stderr)
+        sys.exit(128 + signal.Signals[stop.reason].value)
     return metrics["eval/loss"]          # the objective a Hydra sweeper (e.g. optuna) minimises
 
 

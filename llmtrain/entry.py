@@ -6,8 +6,12 @@ need other objects get them as keyword arguments here (STYLE 2.4).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +126,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     start = time.perf_counter()
     try:
-        metrics = trainer.fit()
+        with graceful_stop(trainer):
+            metrics = trainer.fit()
     except BaseException as error:
         record.finish("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", None,
                       time.perf_counter() - start)
@@ -131,6 +136,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log_summary(metrics, output_dir)
     return metrics, {"model": model, "trainer": trainer, "callbacks": callbacks, "data": data,
                      "strategy": strategy, "hardware": hardware, "cfg": cfg}
+
+
+@contextlib.contextmanager
+def graceful_stop(trainer: Any) -> Iterator[None]:
+    """SIGTERM and a first Ctrl-C finish the current step, checkpoint and stop (exit non-zero).
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint). Handlers that the parent
+    process set to "ignore" (e.g. SIGINT of a background job) stay ignored.
+    """
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after step %d with a checkpoint (Ctrl-C again to abort at once)",
+                    name, trainer.step + 1)
+        trainer.request_stop(name)
+
+    installable = threading.current_thread() is threading.main_thread()
+    previous = {}
+    for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if installable and signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def log_summary(metrics: dict[str, float], output_dir: Path) -> None:

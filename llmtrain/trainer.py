@@ -30,6 +30,18 @@ from llmtrain.models.moe import collect_aux_loss
 from llmtrain.strategies.base import Strategy
 
 
+class StopRequested(KeyboardInterrupt):
+    """Raised between two steps after `Trainer.request_stop` (SIGTERM, or a first Ctrl-C).
+
+    The model, optimizer, scheduler and data position are consistent at that point, so the
+    checkpoint callback saves them and `resume=` continues exactly where the run stopped.
+    """
+
+    def __init__(self, reason: str, step: int) -> None:
+        super().__init__(f"{reason}: stopped after step {step}")
+        self.reason, self.step = reason, step
+
+
 def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
     """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first."""
     if max_steps is None and epochs is None:
@@ -79,6 +91,11 @@ class Trainer:
         self._clock_zero = time.perf_counter()          # elapsed_s counts from here
         self.grad_norm: Tensor | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stop_reason: str | None = None             # set by request_stop; checked between steps
+
+    def request_stop(self, reason: str) -> None:
+        """Finish the current step, then raise StopRequested (safe to call from a signal handler)."""
+        self.stop_reason = reason
 
     @property
     def done(self) -> bool:
@@ -112,6 +129,8 @@ class Trainer:
             self._emit("on_step_end", metrics)
             if self.done:
                 return metrics
+            if self.stop_reason is not None:
+                raise StopRequested(self.stop_reason, self.step)
         self.epoch, self.iteration = self.epoch + 1, 0
         return metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import pytest
 import torch
 
 from llmtrain.callbacks.base import Callback
@@ -16,7 +17,7 @@ from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
 from llmtrain.strategies.seq import NextToken
-from llmtrain.trainer import Trainer, plan_steps
+from llmtrain.trainer import StopRequested, Trainer, plan_steps
 from tests.reference import naive_balance
 
 
@@ -158,3 +159,20 @@ def test_epochs_run_every_batch_and_fire_the_hooks_in_order():
     trainer.fit()
     assert hooks.calls == ["epoch0", "step1", "step2", "epoch1", "step3", "step4"]
     assert trainer.step == 4 and trainer.epoch == 1 and trainer.iteration == 4
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, trainer) -> None:
+        if trainer.step + 1 == self.step:
+            trainer.request_stop("SIGTERM")      # mid-step, as a signal handler would
+
+
+def test_a_requested_stop_finishes_the_step_then_raises():
+    trainer = make_trainer(1, 1, [StopAt(2)])
+    trainer.total_steps = 5
+    with pytest.raises(StopRequested, match="SIGTERM: stopped after step 2") as stop:
+        trainer.fit()
+    assert stop.value.step == trainer.step == 2 and trainer.iteration == 2

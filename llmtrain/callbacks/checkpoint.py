@@ -1,4 +1,5 @@
-"""Save a resumable checkpoint every `every_steps` steps and at the end of training."""
+"""Save a resumable checkpoint every `every_steps` steps, at the end of training, and when a stop
+is requested (SIGTERM or a first Ctrl-C, see llmtrain.entry.graceful_stop)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from llmtrain.callbacks.base import Callback
 from llmtrain.checkpoint import prune, save_checkpoint
+from llmtrain.trainer import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ class Checkpoint(Callback):
     def on_train_end(self, trainer) -> None:
         if self.saved_step != trainer.step:
             self.save(trainer)
+
+    def on_exception(self, trainer, error: BaseException) -> None:
+        # Only a stop between two steps leaves a consistent state; any other error may be mid-step.
+        if isinstance(error, StopRequested) and self.saved_step != trainer.step:
+            self.save(trainer)
+            log.info("saved a checkpoint at step %d; continue with resume=%s", trainer.step, self.dirpath.parent)
 
     def save(self, trainer) -> None:
         path = save_checkpoint(self.dirpath, trainer, trainer.config_yaml)

@@ -12,3 +12,16 @@ class InterruptAt(Callback):
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         if trainer.step == self.step:
             raise KeyboardInterrupt
+
+
+class SignalAt(Callback):
+    """Sends this process a signal (default SIGTERM) at a chosen step, as a cluster scheduler would."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step, self.signal_name = step, signal_name
+
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        if trainer.step == self.step:
+            import os
+            import signal
+            os.kill(os.getpid(), getattr(signal, self.signal_name))

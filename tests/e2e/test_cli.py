@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,27 @@ def test_resume_is_bit_exact(tmp_path):
     record = json.loads((split / "run.json").read_text())
     assert record["status"] == "completed" and len(record["resumes"]) == 1
     assert (split / ".hydra/config.yaml").exists() and list((split / ".hydra").glob("resume_*"))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_current_step_and_resume_is_exact(signal_name, tmp_path):
+    """SIGTERM (or one Ctrl-C) at step 25: a step-25 checkpoint, status interrupted; resume ends bit-exact."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=10", "callbacks.checkpoint.every_steps=20"]
+    assert run_cli(*common, f"hydra.run.dir={straight}").returncode == 0
+    stopped = run_cli(*common, f"+callbacks.stop={{_target_:tests.e2e.interrupt.SignalAt,step:25,"
+                               f"signal_name:{signal_name}}}", f"hydra.run.dir={split}")
+    assert stopped.returncode == 128 + getattr(signal, signal_name)          # the shell convention: 143, 130
+    assert f"{signal_name}: stopping after step" in stopped.stdout + stopped.stderr
+    assert json.loads((split / "run.json").read_text())["status"] == "interrupted"
+    assert (split / "checkpoints/latest").resolve().name == "step_000025"
+    assert rows(split)[-1]["step"] == 25
+    resumed = run_cli(f"resume={split}", "+callbacks.stop=null")
+    assert resumed.returncode == 0, resumed.stderr
+    a = (straight / "checkpoints/latest/model.safetensors").read_bytes()
+    assert (split / "checkpoints/latest/model.safetensors").read_bytes() == a
+    losses = lambda d: [(r["step"], r["loss"], r.get("eval/loss")) for r in rows(d)]   # noqa: E731
+    assert losses(straight) == losses(split)
 
 
 @pytest.mark.parametrize("args, message", [
