@@ -48,3 +48,27 @@ def load_renamed(state: dict[str, Tensor], model: Transformer, hf_name: Callable
     if model.tie_embeddings:
         ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets strict=True pass
     model.load_state_dict(ours, strict=True)
+
+
+def base_config(model: Transformer, bos_token_id: int | None, eos_token_id: int | None,
+                pad_token_id: int | None) -> dict:
+    """The config.json keys every exported family shares: sizes of the trunk, norms, RoPE, tokens."""
+    return {
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.dim,
+        "num_hidden_layers": model.n_layers,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.rope.max_seq_len,
+        "rms_norm_eps": model.norm.eps,
+        "rope_theta": model.rope.theta,               # read by transformers 4.x
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope.theta},   # 5.x
+        "tie_word_embeddings": model.tie_embeddings,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "initializer_range": model.init_std,
+        "use_cache": True,
+        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+    }

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from llmtrain.hf.common import load_renamed, pop_tied_head, untied_state
+from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, untied_state
 from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
@@ -122,12 +122,10 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
     attn = model.layers[0].attn
     moe = DENSE_MOE_FIELDS | {"first_k_dense_replace": model.n_layers} | moe_fields
     return {
+        **base_config(model, bos_token_id, eos_token_id, pad_token_id),
         "architectures": list(ARCHITECTURES),
         "model_type": "deepseek_v3",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.dim,
         "intermediate_size": model.layers[0].ffn.hidden_dim,
-        "num_hidden_layers": model.n_layers,
         "num_attention_heads": attn.n_heads,
         "num_key_value_heads": attn.n_heads,  # every head has its own k_nope and v
         "q_lora_rank": attn.q_lora_rank,
@@ -135,24 +133,10 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
         "qk_nope_head_dim": attn.qk_nope_head_dim,
         "qk_rope_head_dim": attn.qk_rope_head_dim,
         "v_head_dim": attn.v_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model.rope.max_seq_len,
-        "rms_norm_eps": model.norm.eps,
-        "rope_theta": model.rope.theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope.theta},
         "rope_interleave": False,  # half-split RoPE, as llmtrain's
-        "tie_word_embeddings": model.tie_embeddings,
         "attention_bias": False,
-        "attention_dropout": 0.0,
         **moe,
         "num_nextn_predict_layers": 0,  # no multi-token-prediction module
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "initializer_range": model.init_std,
-        "use_cache": True,
-        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
     }
 
 

@@ -8,7 +8,7 @@ on q/k/v (and none on o_proj), which is what GQAttention(bias=True) builds.
 
 from torch import Tensor
 
-from llmtrain.hf.common import load_renamed, pop_tied_head, untied_state
+from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, untied_state
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
@@ -84,29 +84,13 @@ def llama_config(
     attn, ffn = model.layers[0].attn, model.layers[0].ffn
     qwen2 = attn.wq.bias is not None
     config = {
+        **base_config(model, bos_token_id, eos_token_id, pad_token_id),
         "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen2 else "llama",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.dim,
         "intermediate_size": ffn.hidden_dim,
-        "num_hidden_layers": model.n_layers,
         "num_attention_heads": attn.n_heads,
         "num_key_value_heads": attn.n_kv_heads,
         "head_dim": attn.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model.rope.max_seq_len,
-        "rms_norm_eps": model.norm.eps,
-        "rope_theta": model.rope.theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope.theta},
-        "tie_word_embeddings": model.tie_embeddings,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "initializer_range": model.init_std,
-        "use_cache": True,
-        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
     }
     if not qwen2:
         config |= {"attention_bias": False, "mlp_bias": False}

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from llmtrain.hf import llama
-from llmtrain.hf.common import load_renamed, pop_tied_head, untied_state
+from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, untied_state
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.moe import MoE
 from llmtrain.models.transformer import Transformer
@@ -92,24 +92,14 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
     _check_exportable(model)
     attn, moe = model.layers[0].attn, model.layers[0].ffn
     return {
+        **base_config(model, bos_token_id, eos_token_id, pad_token_id),
         "architectures": list(ARCHITECTURES),
         "model_type": "qwen2_moe",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.dim,
         "intermediate_size": moe.n_shared_experts * moe.expert_hidden_dim,   # unused: no dense layers
-        "num_hidden_layers": model.n_layers,
         "num_attention_heads": attn.n_heads,
         "num_key_value_heads": attn.n_kv_heads,
         "head_dim": attn.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model.rope.max_seq_len,
-        "rms_norm_eps": model.norm.eps,
-        "rope_theta": model.rope.theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope.theta},
-        "tie_word_embeddings": model.tie_embeddings,
         "qkv_bias": True,                   # Qwen2-MoE always has them (4.x has no switch): zeros if ours has none
-        "attention_dropout": 0.0,
         "use_sliding_window": False,
         "max_window_layers": model.n_layers,
         "decoder_sparse_step": 1,
@@ -122,12 +112,6 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
         "output_router_logits": False,
         # HF's balance loss is K at uniform routing, ours 1 (SPECS 3.2): the same strength at balance.
         "router_aux_loss_coef": moe.aux_loss_coef / moe.n_experts_per_tok,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "initializer_range": model.init_std,
-        "use_cache": True,
-        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
     }
 
 
