@@ -2,6 +2,8 @@
 
     llmtrain generate <checkpoint> --prompt "..."     sample from a checkpoint (llmtrain.generate)
     llmtrain export hf <checkpoint> <dir>             write a Hugging Face model folder (llmtrain.hf.export)
+    llmtrain tokenizer train <files> --vocab-size N --out <dir>   train a BPE tokenizer (llmtrain.tokenizer_cli)
+    llmtrain tokenize <files> --out <dir>             tokenize text once into token shards (llmtrain.tokenize_cli)
 
 Each subcommand owns its argument parser; this module only dispatches on the first word, so a
 subcommand's imports (torch, transformers-free HF writers) load only when it runs.
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 COMMANDS = {
     "generate": ("llmtrain.generate", "sample completions from a checkpoint with the KV-cache generator"),
     "export": ("llmtrain.hf.export", "export a checkpoint to another format (`export hf <checkpoint> <dir>`)"),
+    "tokenizer": ("llmtrain.tokenizer_cli", "train a byte-level BPE tokenizer (`tokenizer train <files> ...`)"),
+    "tokenize": ("llmtrain.tokenize_cli", "tokenize text files once into memory-mapped token shards (data=shards)"),
 }
 
 

@@ -1,8 +1,7 @@
-"""Plain-text pre-training data from local files: .txt (one document per file) or .jsonl ({"text"})."""
+"""Plain-text pre-training data from local files: .txt (one document per file), .jsonl or .parquet ({"text"})."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,33 +10,25 @@ from typing import Any
 from torch import Tensor
 
 from llmtrain.data.packing import RowBatches, pack_documents
+from llmtrain.data.records import read_records, string_field
 
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one file; a malformed JSONL line is reported as file:line."""
+    """The documents of one file; a malformed row is reported as file:line (Parquet: file:row N)."""
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8")
         return
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string ({error})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: 'text' must be a string, got {type(text).__name__}")
-            yield text
+    for where, row in read_records(path):
+        yield string_field(where, row, "text")
 
 
 class TextFiles:
     """Pre-training text from files, packed into rows; the last `eval_fraction` of rows is held out.
 
     Args:
-        paths: .txt or .jsonl files (relative paths are relative to the launch directory).
+        paths: .txt, .jsonl or .parquet files (relative paths are relative to the launch directory).
         tokenizer: turns each document into `<bos> ... <eos>` token ids.
         eval_fraction: share of the packed rows kept for evaluation (at least one row).
     """
@@ -47,7 +38,7 @@ class TextFiles:
     def __init__(self, paths: Sequence[str], tokenizer: Any, seq_len: int = 128, batch_size: int = 32,
                  eval_batch_size: int = 64, eval_fraction: float = 0.05, seed: int = 0) -> None:
         if not paths:
-            raise ValueError("data.paths is empty: give at least one .txt or .jsonl file")
+            raise ValueError("data.paths is empty: give at least one .txt, .jsonl or .parquet file")
         self.paths = [Path(p) for p in paths]
         for path in self.paths:
             if path.suffix not in SUFFIXES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -39,8 +40,14 @@ def byte_tokenizer_json(tokenizer: ByteTokenizer) -> Tokenizer:
     return hf
 
 
-def write_tokenizer_files(tokenizer: ByteTokenizer, out_dir: Path) -> None:
-    """tokenizer.json and tokenizer_config.json, loadable with transformers.AutoTokenizer."""
+def write_tokenizer_files(tokenizer: ByteTokenizer | Any, out_dir: Path) -> None:
+    """tokenizer.json and tokenizer_config.json, loadable with transformers.AutoTokenizer.
+
+    A tokenizer that has its own files (llmtrain.data.bpe.TokenizerFile) writes them with `save`.
+    """
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(out_dir)
+        return
     byte_tokenizer_json(tokenizer).save(str(out_dir / "tokenizer.json"))
     names = {i: token for token, i in tokenizer.special_tokens.items()}
     config = {
