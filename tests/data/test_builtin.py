@@ -82,8 +82,8 @@ def test_eval_batches_keep_every_row_in_order(data):
 
 
 def test_a_format_it_cannot_serve_is_refused_naming_both():
-    with pytest.raises(ValueError, match="'preference'.*data=builtin"):
-        BuiltinTask(ByteTokenizer(), n_train=10, n_eval=10).setup("preference")
+    with pytest.raises(ValueError, match="'prompt'.*data=builtin"):
+        BuiltinTask(ByteTokenizer(), n_train=10, n_eval=10).setup("prompt")
 
 
 def test_oracle_scores_one_and_a_random_model_zero(data):

@@ -1,0 +1,93 @@
+"""Variable-length examples served as right-padded, shuffled, resumable batches (chat and preference).
+
+An example ("unit") is one sequence (a chat) or a fixed number of sequences (a preference pair:
+chosen, rejected). All tokens live in one flat int32 tensor with a parallel target mask, so a
+hundred thousand examples cost a few megabytes, not millions of Python ints. A batch of B units
+with k sequences each is a (k*B, T) tensor laid out sequence-major: all first sequences, then all
+second ones (chosen rows 0..B-1, rejected rows B..2B-1), padded on the right to the longest row.
+Right padding needs no attention mask: a causal model never lets a real token attend to a later
+pad, and pads are never targets.
+
+Per-unit columns added with `add_column` (e.g. precomputed reference log-probs, shape (N, k))
+travel with their units and arrive flattened the same way, shape (k*B,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+Sequence_ = tuple[list[int], list[int]]          # ids, labels (IGNORE_INDEX where not a target)
+
+
+class PaddedBatches:
+    """Batches of `batch_size` units in an order fixed by (seed, epoch); the last short batch is dropped.
+
+    Args:
+        units: per example, its `k` sequences as (ids, labels) pairs.
+        batch_size: units per batch.
+        seed: with the epoch number, fixes the order, so `start` can skip to a data position.
+        pad_id: fills the ids past a row's end.
+    """
+
+    def __init__(self, units: Sequence[Sequence[Sequence_]], batch_size: int, seed: int, pad_id: int) -> None:
+        if not units:
+            raise ValueError("no examples to batch")
+        self.k = len(units[0])
+        lengths = [len(ids) for unit in units for ids, _ in unit]
+        self.lengths_NK = torch.tensor(lengths, dtype=torch.long).view(len(units), self.k)
+        self.starts_NK = (self.lengths_NK.flatten().cumsum(0) - self.lengths_NK.flatten()).view_as(self.lengths_NK)
+        self.ids = torch.tensor([t for unit in units for ids, _ in unit for t in ids], dtype=torch.int32)
+        self.is_target = torch.tensor([t != IGNORE_INDEX for unit in units for _, labels in unit for t in labels])
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.columns: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths_NK) // self.batch_size
+
+    @property
+    def num_units(self) -> int:
+        return len(self.lengths_NK)
+
+    def order(self, epoch: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_units, generator=generator)
+
+    def shuffled(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        """Batches `start`, `start + 1`, ... of `epoch` (earlier ones are skipped, not built)."""
+        order = self.order(epoch)
+        for i in range(start, len(self)):
+            yield self.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def in_order(self) -> Iterator[dict[str, Tensor]]:
+        """Every unit in storage order; the last batch may be short (for evaluation)."""
+        for i in range(0, self.num_units, self.batch_size):
+            yield self.batch(torch.arange(i, min(i + self.batch_size, self.num_units)))
+
+    def batch(self, units_B: Tensor) -> dict[str, Tensor]:
+        """input_ids and labels (k*B, T), sequence-major, right-padded; plus every added column (k*B,)."""
+        starts, lengths = self.starts_NK[units_B].T.flatten(), self.lengths_NK[units_B].T.flatten()
+        T = int(lengths.max())
+        ids = torch.full((len(starts), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(starts), T), IGNORE_INDEX, dtype=torch.long)
+        for row, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            ids[row, :n] = self.ids[start:start + n]
+            labels[row, :n] = torch.where(self.is_target[start:start + n], ids[row, :n], IGNORE_INDEX)
+        extra = {name: values_NK[units_B].T.flatten() for name, values_NK in self.columns.items()}
+        return {"input_ids": ids, "labels": labels, **extra}
+
+    def add_column(self, name: str, compute: Callable[[dict[str, Tensor]], Tensor], batch_size: int = 64) -> None:
+        """Store `compute(batch)` (shape (k*B,)) for every unit, computed once in storage order."""
+        values = []
+        for i in range(0, self.num_units, batch_size):
+            units_B = torch.arange(i, min(i + batch_size, self.num_units))
+            values.append(compute(self.batch(units_B)).detach().float().cpu().view(self.k, -1).T)
+        self.columns[name] = torch.cat(values)
+
+
+def response_lengths(units: Sequence[Sequence[Sequence_]]) -> list[int]:
+    """Target tokens of each unit's sequence with the fewest (0 means a truncated-away response)."""
+    return [min(sum(t != IGNORE_INDEX for t in labels) for _, labels in unit) for unit in units]
