@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmtrain.checkpoint import load_checkpoint
-from llmtrain.pretrained import build, load_weights, source_model_node
+from llmtrain.pretrained import build, load_weights, source_model_node, stage_record
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg = resume_config(cfg, checkpoint)
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    if checkpoint is None and (output_dir / "run.json").exists():
+        raise ValueError(f"{output_dir} already holds a run (run.json): continue it with resume={output_dir}, "
+                         "or choose another hydra.run.dir / paths.output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     hardware = instantiate(cfg.hardware)
@@ -108,6 +111,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     optimizer = instantiate(cfg.optimizer)(model.named_parameters())
     make_scheduler = instantiate(cfg.scheduler)
     data.setup(strategy.format)                        # an impossible pairing fails here, naming both
+    strategy.setup(model, data)                        # before a resumed checkpoint replaces the weights
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,
@@ -120,7 +124,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
     else:
         save_resolved_config(cfg, output_dir)
-    record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint))
+    init_from = cfg.model.get("init_from")
+    record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint),
+                       stage_record(init_from) if init_from else None)
     log.info("%s; %d steps of %d micro-batch(es); run directory %s", hardware, trainer.total_steps,
              trainer.accumulation_steps, output_dir)
 
@@ -169,7 +175,11 @@ def log_summary(metrics: dict[str, float], output_dir: Path) -> None:
     """The closing lines of a run: final losses, held-out accuracy, where everything is."""
     lines = [f"finished at step {metrics.get('step')}: train loss {metrics.get('loss', float('nan')):.4f}"]
     if "eval/loss" in metrics:
-        lines.append(f"eval loss {metrics['eval/loss']:.4f} (ppl {metrics.get('eval/ppl', float('nan')):.3f})")
+        ppl = f" (ppl {metrics['eval/ppl']:.3f})" if "eval/ppl" in metrics else ""
+        lines.append(f"eval loss {metrics['eval/loss']:.4f}{ppl}")
+    if "eval/rewards/accuracies" in metrics:
+        lines.append(f"held-out preference accuracy {metrics['eval/rewards/accuracies']:.1%}, "
+                     f"reward margin {metrics['eval/rewards/margins']:.3f}")
     if "eval/accuracy" in metrics:
         per_language = [f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("eval/accuracy/")]
         lines.append(f"held-out accuracy {metrics['eval/accuracy']:.1%}" +

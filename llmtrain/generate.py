@@ -271,6 +271,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user turn through the run's chat template (SFT/DPO checkpoints)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     return parser.parse_args(argv)
 
@@ -281,9 +283,14 @@ def main(argv: Sequence[str]) -> int:
 
     args = parse_args(argv)
     try:
-        model, tokenizer, _ = load_checkpoint_model(args.checkpoint)
+        model, tokenizer, cfg = load_checkpoint_model(args.checkpoint)
         model = model.to(args.device)
-        prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+        if args.chat:
+            from llmtrain.data.chat import make_template
+            template = make_template(tokenizer, cfg.data.get("chat_template"))
+            prompts = [template.encode_prompt([{"role": "user", "content": text}]) for text in args.prompt]
+        else:
+            prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
         result = generate(model, prompts, args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)

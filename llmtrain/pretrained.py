@@ -8,6 +8,7 @@ shape than the weights it loads.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from llmtrain.hf import io as hf_io
-from llmtrain.rundir import find_checkpoint
+from llmtrain.rundir import find_checkpoint, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,21 @@ def source_model_node(init_from: str | os.PathLike) -> DictConfig:
     node = OmegaConf.create(OmegaConf.to_container(saved.model))
     node.pop("init_from", None)
     return node
+
+
+def stage_record(init_from: str | os.PathLike) -> dict[str, Any]:
+    """What a stage started from, for run.json: the checkpoint, its step and strategy, and what *it*
+    started from, so pre-training -> SFT -> DPO can be traced back from the last run alone."""
+    if hf_io.is_hf_dir(init_from):
+        return {"path": str(init_from), "format": "huggingface"}
+    checkpoint = find_checkpoint(init_from, "model.init_from")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    record = {"path": str(init_from), "checkpoint": str(checkpoint.resolve()), "step": meta.get("step"),
+              "strategy": checkpoint_config(checkpoint).strategy.get("_target_")}
+    source_run = run_dir_of(checkpoint) / "run.json"
+    if source_run.is_file():
+        record["init_from"] = json.loads(source_run.read_text()).get("init_from")
+    return record
 
 
 def checkpoint_config(checkpoint: Path) -> DictConfig:

@@ -94,9 +94,11 @@ class RunRecord:
     """run.json: provenance at start, then status, timing and final metrics at the end.
 
     On resume the existing record is kept and the resume is appended to its `resumes` list.
+    `init_from` says which earlier stage the weights came from (llmtrain.pretrained.stage_record).
     """
 
-    def __init__(self, output_dir: Path, seed: int, device: str, resumed_from: str | None) -> None:
+    def __init__(self, output_dir: Path, seed: int, device: str, resumed_from: str | None,
+                 init_from: dict[str, Any] | None = None) -> None:
         self.path = output_dir / "run.json"
         if resumed_from is not None and self.path.exists():
             self.data = json.loads(self.path.read_text())
@@ -106,6 +108,7 @@ class RunRecord:
             self.data = {
                 "command": sys.argv, "cwd": os.getcwd(), "git": git_state(Path(__file__).parent),
                 "versions": package_versions(), "seed": seed, "device": device, "start_time": now(),
+                "init_from": init_from,
             }
         self.data.update(status="running", end_time=None)
         self.write()

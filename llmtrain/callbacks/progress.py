@@ -1,4 +1,4 @@
-"""A rich progress bar with the step's loss, lr and tokens/s."""
+"""A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,12 @@ class RichProgress(Callback):
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         if "eval/loss" in metrics:
             self.eval_text = f" eval {metrics['eval/loss']:.3f}"
+            if "eval/rewards/accuracies" in metrics:
+                self.eval_text += f" pref {metrics['eval/rewards/accuracies']:.1%}"
             if "eval/accuracy" in metrics:
                 self.eval_text += f" acc {metrics['eval/accuracy']:.1%}"
-        text = (f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+        preference = f"pref {metrics['rewards/accuracies']:.0%} " if "rewards/accuracies" in metrics else ""
+        text = (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
                 f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}")
         self.progress.update(self.task, completed=trainer.step, text=text)
 

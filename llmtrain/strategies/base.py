@@ -1,7 +1,7 @@
 """What every strategy provides to the one training loop (STYLE 2.7).
 
 A strategy owns only its method's math. The loop asks it how many loss items a batch holds
-(target tokens for SEQ/SFT), so that an accumulation window is normalised as one large batch
+(target tokens for SEQ/SFT, pairs for DPO), so that an accumulation window is normalised as one large batch
 (SPECS 4.2), then calls `loss` on each micro-batch with the window's total.
 """
 
@@ -16,6 +16,10 @@ class Strategy(Protocol):
     """`format` names the batch layout the strategy consumes: text, chat, preference or prompt."""
 
     format: str
+
+    def setup(self, model: nn.Module, data: object) -> None:
+        """One-time preparation after the data is set up and before a checkpoint is resumed
+        (e.g. DPO freezes a copy of the starting policy, or precomputes its log-probs)."""
 
     def num_items(self, batch: dict[str, Tensor]) -> int:
         """Loss items (e.g. target tokens after the shift) in one micro-batch."""

@@ -38,6 +38,9 @@ class NextToken:
             raise ValueError(f"strategy.label_smoothing={label_smoothing} must be in [0, 1)")
         self.label_smoothing = label_smoothing
 
+    def setup(self, model: nn.Module, data: object) -> None:
+        pass
+
     def num_items(self, batch: dict[str, Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())   # counted after the shift
 

@@ -1,0 +1,147 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), sigmoid form (SPECS 4.3).
+
+A preference batch holds 2B rows: chosen responses in rows 0..B-1, rejected in B..2B-1, labels
+IGNORE_INDEX outside the responses. Policy and reference each score all 2B rows in one forward.
+With summed response log-probs π (policy) and ρ (reference),
+
+    h = (π_c - ρ_c) - (π_r - ρ_r),   loss = -(1 - ε) log σ(βh) - ε log σ(-βh)   (mean over pairs)
+
+where ε > 0 is conservative DPO (label smoothing). With `nll_weight` = α > 0 the loss adds
+α · (-π_c / |c|), the chosen response's mean token NLL (RPO, Pang et al. 2024, arXiv:2404.19733;
+TRL's `rpo_alpha`), which keeps DPO from lowering the likelihood of the preferred answers. At
+the first step policy == reference, so h = 0 and the loss is ln 2 (plus the NLL term). Metrics
+follow TRL: rewards/chosen = β(π_c - ρ_c), rewards/rejected, rewards/margins, rewards/accuracies
+(strict >, so 0 at the first step), logps/chosen, logps/rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmtrain.strategies.seq import IGNORE_INDEX, shift_labels
+
+log = logging.getLogger(__name__)
+
+
+def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(summed log p of each row's target tokens, number of those tokens), both shape (rows,)."""
+    logits_BTV = model(batch["input_ids"])
+    targets_BT = shift_labels(batch["labels"])
+    nll_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none").view_as(targets_BT)          # 0 where ignored
+    return -nll_BT.sum(-1), (targets_BT != IGNORE_INDEX).sum(-1)
+
+
+class FrozenReference:
+    """The reference policy: a frozen copy of the starting policy, or a separate model.
+
+    Args:
+        path: None (copy the policy as it is when training starts: after `model.init_from`, before a
+            resumed checkpoint is loaded, so a resumed run has the same reference), or a run
+            directory / checkpoint / Hugging Face folder to load the reference from.
+        precompute: score every training and held-out pair once before training and drop the
+            model (saves a forward per step and the reference's memory).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, precompute: bool = False) -> None:
+        self.path, self.precompute = path, precompute
+        self.model: nn.Module | None = None
+
+    def setup(self, policy: nn.Module, data: object) -> None:
+        policy = getattr(policy, "module", policy)          # a DDP / compile wrapper holds the model
+        device = next(policy.parameters()).device
+        if self.path is None:
+            reference = copy.deepcopy(policy)
+        else:
+            from llmtrain.pretrained import build, load_weights, source_model_node
+            reference = build(source_model_node(self.path))
+            load_weights(reference, self.path)
+            if reference.vocab_size != policy.vocab_size:
+                raise ValueError(f"strategy.reference={self.path} has vocab_size {reference.vocab_size}, the policy "
+                                 f"{policy.vocab_size}: they must share the tokenizer")
+        self.model = reference.to(device).eval().requires_grad_(False)
+        if self.precompute:
+            def score(batch: dict[str, Tensor]) -> Tensor:
+                with torch.no_grad():
+                    return response_logps(self.model, {k: v.to(device) for k, v in batch.items()})[0]
+            data.add_column("ref_logps", score)
+            log.info("reference log-probs precomputed for every pair; the reference model is released")
+            self.model = None
+
+    def logps(self, batch: dict[str, Tensor]) -> Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        if self.model is None:
+            raise RuntimeError("the reference is not set up: call strategy.setup(model, data) before training")
+        with torch.no_grad():
+            return response_logps(self.model, batch)[0]
+
+
+def preference_metrics(beta: float, policy_2B: Tensor, reference_2B: Tensor, num_items: int) -> dict[str, Tensor]:
+    """TRL's reward metrics, each a sum over the micro-batch's pairs divided by the window's pairs."""
+    with torch.no_grad():
+        policy_c, policy_r = policy_2B.detach().chunk(2)
+        reward_c, reward_r = (beta * (policy_2B.detach() - reference_2B)).chunk(2)
+        return {"rewards/chosen": reward_c.sum() / num_items, "rewards/rejected": reward_r.sum() / num_items,
+                "rewards/accuracies": (reward_c > reward_r).float().sum() / num_items,
+                "rewards/margins": (reward_c - reward_r).sum() / num_items,
+                "logps/chosen": policy_c.sum() / num_items, "logps/rejected": policy_r.sum() / num_items}
+
+
+class DPO:
+    """Sigmoid DPO loss against a frozen reference.
+
+    Args:
+        beta: inverse temperature of the implicit reward (TRL's default 0.1).
+        label_smoothing: ε of conservative DPO, in [0, 0.5); 0 is plain DPO.
+        reference: where the reference comes from (see FrozenReference; null = copy of the policy).
+        precompute_reference: score the reference once per dataset instead of every step.
+        nll_weight: α of the added chosen-response NLL (0: plain DPO).
+    """
+
+    format = "preference"
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference: str | None = None,
+                 precompute_reference: bool = False, nll_weight: float = 0.0) -> None:
+        if beta <= 0:
+            raise ValueError(f"strategy.beta={beta} must be > 0")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"strategy.label_smoothing={label_smoothing} must be in [0, 0.5)")
+        if nll_weight < 0:
+            raise ValueError(f"strategy.nll_weight={nll_weight} must be >= 0")
+        self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
+        self.reference = FrozenReference(reference, precompute_reference)
+
+    def setup(self, model: nn.Module, data: object) -> None:
+        self.reference.setup(model, data)
+
+    def num_items(self, batch: dict[str, Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2                 # pairs
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
+        policy_2B, lengths_2B = response_logps(model, batch)
+        reference_2B = self.reference.logps(batch)
+        loss_B = self.pair_loss(policy_2B, reference_2B)
+        metrics = preference_metrics(self.beta, policy_2B, reference_2B, num_items)
+        if self.nll_weight > 0:
+            policy_c, lengths_c = policy_2B.chunk(2)[0], lengths_2B.chunk(2)[0]
+            nll_B = -policy_c / lengths_c.clamp(min=1)
+            loss_B = loss_B + self.nll_weight * nll_B
+            metrics["nll/chosen"] = nll_B.detach().sum() / num_items
+        return loss_B.sum() / num_items, metrics
+
+    def pair_loss(self, policy_2B: Tensor, reference_2B: Tensor) -> Tensor:
+        """Per-pair loss from summed log-probs laid out chosen rows first, then rejected."""
+        log_ratio_c, log_ratio_r = (policy_2B - reference_2B).chunk(2)
+        h_B = self.beta * (log_ratio_c - log_ratio_r)
+        eps = self.label_smoothing
+        return -(1 - eps) * F.logsigmoid(h_B) - eps * F.logsigmoid(-h_B)
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        return totals

@@ -1,0 +1,163 @@
+"""DPO and IPO: the formulas on hand-made log-probs, the step-0 invariants, the frozen reference."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmtrain.data.builtin import BuiltinTask
+from llmtrain.data.tokenizer import ByteTokenizer
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.transformer import Transformer
+from llmtrain.strategies.dpo import DPO, preference_metrics, response_logps
+from llmtrain.strategies.ipo import IPO
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(vocab_size=264, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
+                       n_kv_heads=2), ffn=functools.partial(SwiGLU))
+
+
+def preference_data(batch_size: int = 4) -> BuiltinTask:
+    data = BuiltinTask(ByteTokenizer(), n_train=64, n_eval=16, batch_size=batch_size, eval_batch_size=8,
+                       accuracy_examples=0)
+    data.setup("preference")
+    return data
+
+
+# hand-made summed log-probs of 2 pairs: chosen rows first, then rejected
+POLICY = torch.tensor([-10.0, -20.0, -12.0, -18.0])
+REFERENCE = torch.tensor([-11.0, -19.0, -11.5, -19.5])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_dpo_loss_and_metrics_equal_the_formula_on_hand_made_logprobs(eps):
+    beta = 0.5
+    strategy = DPO(beta=beta, label_smoothing=eps)
+    losses = strategy.pair_loss(POLICY, REFERENCE)
+    for pair in range(2):
+        h = (POLICY[pair] - REFERENCE[pair]) - (POLICY[pair + 2] - REFERENCE[pair + 2])   # 1.5, then -0.5
+        sig = 1 / (1 + math.exp(-beta * float(h)))
+        expected = -(1 - eps) * math.log(sig) - eps * math.log(1 - sig)
+        assert float(losses[pair]) == pytest.approx(expected, abs=1e-6)
+    metrics = {k: float(v) for k, v in preference_metrics(beta, POLICY, REFERENCE, num_items=2).items()}
+    assert metrics["rewards/chosen"] == pytest.approx(beta * (1.0 + -1.0) / 2)
+    assert metrics["rewards/rejected"] == pytest.approx(beta * (-0.5 + 1.5) / 2)
+    assert metrics["rewards/margins"] == pytest.approx(beta * (1.5 + -2.5) / 2)
+    assert metrics["rewards/accuracies"] == pytest.approx(0.5)       # pair 0 right, pair 1 wrong
+    assert metrics["logps/chosen"] == pytest.approx(-15.0) and metrics["logps/rejected"] == pytest.approx(-15.0)
+
+
+def test_ipo_loss_uses_length_averaged_logprobs():
+    beta = 0.25
+    lengths = torch.tensor([2, 4, 5, 1])
+    losses = IPO(beta=beta).pair_loss(POLICY, REFERENCE, lengths)
+    ratio = (POLICY - REFERENCE) / lengths
+    for pair in range(2):
+        expected = (float(ratio[pair] - ratio[pair + 2]) - 1 / (2 * beta)) ** 2
+        assert float(losses[pair]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_response_logps_sum_exactly_the_labelled_tokens():
+    model = tiny_model().eval()
+    batch = next(preference_data().train_batches(0))
+    with torch.no_grad():
+        logps, lengths = response_logps(model, batch)
+        logits = model(batch["input_ids"])
+    for row in range(len(logps)):
+        targets = [t for t in range(1, batch["labels"].shape[1]) if batch["labels"][row, t] != -100]
+        expected = sum(float(F.log_softmax(logits[row, t - 1], -1)[batch["input_ids"][row, t]]) for t in targets)
+        assert float(logps[row]) == pytest.approx(expected, abs=1e-4)
+        assert int(lengths[row]) == len(targets) > 0
+
+
+@pytest.mark.parametrize("strategy", [DPO(beta=0.1), DPO(beta=0.1, label_smoothing=0.1), IPO(beta=0.1)],
+                         ids=["dpo", "cdpo", "ipo"])
+def test_at_the_start_policy_equals_reference(strategy):
+    """DPO: loss ln 2, zero rewards and margins, accuracy 0 (strict >). IPO: loss (1/2beta)^2."""
+    model, data = tiny_model(), preference_data()
+    strategy.setup(model, data)
+    batch = next(data.train_batches(0))
+    loss, metrics = strategy.loss(model, batch, strategy.num_items(batch))
+    expected = (1 / (2 * 0.1)) ** 2 if isinstance(strategy, IPO) else math.log(2)
+    assert float(loss.detach()) == pytest.approx(expected, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(metrics[key]) == pytest.approx(0.0, abs=1e-6), key
+
+
+def test_the_reference_is_frozen_and_gets_no_gradient():
+    model, data = tiny_model(), preference_data()
+    strategy = DPO()
+    strategy.setup(model, data)
+    reference = strategy.reference.model
+    assert reference is not model and not reference.training
+    with torch.no_grad():
+        model.norm.weight.add_(0.01)                     # the policy moves; the reference must not follow
+    batch = next(data.train_batches(0))
+    loss, _ = strategy.loss(model, batch, strategy.num_items(batch))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in reference.parameters())
+    assert any(p.grad is not None for p in model.parameters())
+    assert not torch.equal(reference.norm.weight, model.norm.weight)
+
+
+def test_precomputed_reference_logprobs_give_the_same_loss_and_release_the_model():
+    online, precomputed = DPO(), DPO(precompute_reference=True)
+    model = tiny_model()
+    data_online, data_pre = preference_data(), preference_data()
+    online.setup(model, data_online)
+    precomputed.setup(model, data_pre)
+    assert precomputed.reference.model is None
+    with torch.no_grad():
+        model.norm.weight.add_(0.05)
+    for batch_online, batch_pre in zip(data_online.train_batches(1, start=2), data_pre.train_batches(1, start=2)):
+        assert "ref_logps" in batch_pre and "ref_logps" not in batch_online
+        a, metrics_a = online.loss(model, batch_online, 4)
+        b, metrics_b = precomputed.loss(model, batch_pre, 4)
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+        assert float(metrics_a["rewards/margins"]) == pytest.approx(float(metrics_b["rewards/margins"]), abs=1e-5)
+    held_out = next(data_pre.eval_batches())
+    assert held_out["ref_logps"].shape == (held_out["input_ids"].shape[0],)
+
+
+def test_duplicating_a_response_token_changes_h_by_its_logprob():
+    """DPO sums (not averages) response log-probs: one more target token adds exactly its log-prob."""
+    model, data = tiny_model().requires_grad_(False), preference_data()
+    batch = next(data.train_batches(0))
+    logps, _ = response_logps(model, batch)
+    shorter = {k: v.clone() for k, v in batch.items()}
+    row = 0
+    last = int((shorter["labels"][row] != -100).nonzero().max())
+    shorter["labels"][row, last] = -100                    # drop the last response token from the sum
+    logps_short, _ = response_logps(model, shorter)
+    logits = model(batch["input_ids"])
+    token_logp = float(F.log_softmax(logits[row, last - 1], -1)[batch["input_ids"][row, last]])
+    assert float(logps[row] - logps_short[row]) == pytest.approx(token_logp, abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"beta": 0.0}, "strategy.beta=0.0"),
+                                             ({"label_smoothing": 0.5}, "strategy.label_smoothing=0.5")])
+def test_bad_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DPO(**kwargs)
+
+
+def test_nll_weight_adds_the_chosen_answers_mean_token_nll():
+    model, data = tiny_model(), preference_data()
+    plain, rpo = DPO(), DPO(nll_weight=0.5)
+    plain.setup(model, data)
+    rpo.setup(model, data)
+    batch = next(data.train_batches(0))
+    with torch.no_grad():
+        loss_plain, _ = plain.loss(model, batch, 4)
+        loss_rpo, metrics = rpo.loss(model, batch, 4)
+        logps, lengths = response_logps(model, batch)
+    nll = float((-logps[:4] / lengths[:4]).mean())
+    assert float(metrics["nll/chosen"]) == pytest.approx(nll, abs=1e-5)
+    assert float(loss_rpo - loss_plain) == pytest.approx(0.5 * nll, abs=1e-5)
