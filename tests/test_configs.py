@@ -12,6 +12,9 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from llmtrain.data.shards import write_shards
+from llmtrain.data.tokenizer import ByteTokenizer
+from llmtrain.hf.tokenizer import write_tokenizer_files
 from llmtrain.pretrained import build
 from tests.conftest import REPO, compose_cfg, group_options
 
@@ -39,9 +42,43 @@ OTHER_OPTIONS = [group_options(g) for g in GROUPS[2:]]
 COMBOS = [pair + rest for pair in MODEL_SIZES for rest in itertools.product(*OTHER_OPTIONS)]
 
 
+def all_pairs(factors: list[list]) -> list[tuple]:
+    """Rows in which every pair of values of every two factors occurs at least once (greedy cover).
+
+    The full product grows multiplicatively with every option added (thousands of compositions);
+    a bad interaction between config files is an interaction of two groups, which this covers in a
+    few dozen rows. The full product still runs with `pytest -m slow`.
+    """
+    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(factors)), 2)
+                 for a in range(len(factors[i])) for b in range(len(factors[j]))}
+    rows = []
+    while uncovered:
+        i, a, j, b = min(uncovered)
+        row = {i: a, j: b}
+        for k in range(len(factors)):
+            if k not in row:
+                row[k] = max(range(len(factors[k])), key=lambda v: sum(
+                    (min(k, m), v if k < m else w, max(k, m), w if k < m else v) in uncovered
+                    for m, w in row.items()))
+        uncovered -= {(i, row[i], j, row[j]) for i, j in itertools.combinations(range(len(factors)), 2)}
+        rows.append(tuple(factors[k][row[k]] for k in range(len(factors))))
+    return rows
+
+
+PAIRWISE = [pair + tuple(rest) for pair, *rest in all_pairs([MODEL_SIZES, *OTHER_OPTIONS])]
+
+
 def test_groups_are_discovered():
     assert len(COMBOS) >= 54            # guards against a test that silently checks nothing
     assert len(COMBOS) == len(MODEL_SIZES) * math.prod(len(options) for options in OTHER_OPTIONS)
+
+
+def test_the_pairwise_rows_cover_every_pair_of_options():
+    factors = [MODEL_SIZES, *OTHER_OPTIONS]
+    rows = [((combo[0], combo[1]), *combo[2:]) for combo in PAIRWISE]
+    for i, j in itertools.combinations(range(len(factors)), 2):
+        assert {(row[i], row[j]) for row in rows} == set(itertools.product(factors[i], factors[j])), (i, j)
+    assert len(PAIRWISE) < len(COMBOS) / 10
     assert {"tiny", "small", "1b", "mla_tiny", "mla_small", "mla_1b"} <= set(SIZES)
     assert {"cosine", "sgdr", "constant"} <= set(group_options("scheduler"))
 
@@ -54,14 +91,24 @@ def test_every_size_fits_some_model_and_every_model_has_its_family_sizes():
     assert len(MODEL_SIZES) + len(MISFITS) == len(MODELS) * len(SIZES)
 
 
-MUST_BE_GIVEN = {"data.paths"}     # the only ??? values: things no default can know
+MUST_BE_GIVEN = {"data.paths", "data.path"}     # the only ??? values: things no default can know
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
-def test_every_combination_composes_and_resolves(combo, tmp_path):
-    cfg = compose_cfg(*(f"{g}={o}" for g, o in zip(GROUPS, combo)), f"paths.output_dir={tmp_path}")
+def compose_and_resolve(combo: tuple[str, ...], output_dir) -> None:
+    cfg = compose_cfg(*(f"{g}={o}" for g, o in zip(GROUPS, combo)), f"paths.output_dir={output_dir}")
     OmegaConf.to_container(cfg, resolve=True)
     assert OmegaConf.missing_keys(cfg) <= MUST_BE_GIVEN
+
+
+@pytest.mark.parametrize("combo", PAIRWISE, ids=["-".join(c) for c in PAIRWISE])
+def test_every_pair_of_options_composes_and_resolves(combo, tmp_path):
+    compose_and_resolve(combo, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_every_combination_composes_and_resolves(combo, tmp_path):
+    compose_and_resolve(combo, tmp_path)
 
 
 @pytest.mark.parametrize("model, size", MODEL_SIZES, ids=["-".join(pair) for pair in MODEL_SIZES])
@@ -90,14 +137,23 @@ def test_1b_presets_have_one_billion_parameters(model, size, tmp_path):
     assert abs(n - 1.0e9) <= 0.05e9, n
 
 
-@pytest.mark.parametrize("group", ["strategy", "optimizer", "scheduler", "data", "hardware", "callbacks"])
+@pytest.mark.parametrize("group", ["strategy", "optimizer", "scheduler", "data", "data/tokenizer", "hardware",
+                                   "callbacks"])
 def test_every_option_instantiates(group, tmp_path):
     for option in group_options(group):
         cfg = compose_cfg(f"{group}={option}", f"paths.output_dir={tmp_path}")
-        node = cfg[group]
-        if "paths" in node.keys():                # data=text: point it at a real file
+        node = OmegaConf.select(cfg, group.replace("/", "."))
+        if "paths" in node.keys():                # data=text / data=files: point it at a real file
             (tmp_path / "a.txt").write_text("hello")
-            node.paths = [str(tmp_path / "a.txt")]
+            (tmp_path / "a.jsonl").write_text('{"prompt": "hi", "response": "hello"}\n')
+            node.paths = [str(tmp_path / ("a.jsonl" if option == "files" else "a.txt"))]
+        if group == "data" and "path" in node.keys():        # data=shards: a folder written from that file
+            (tmp_path / "a.txt").write_text("hello")
+            node.path = str(tmp_path / option)
+            write_shards([tmp_path / "a.txt"], node.path, ByteTokenizer(), "byte")
+        if group == "data/tokenizer" and "path" in node.keys():  # data/tokenizer=file: the byte tokenizer's files
+            write_tokenizer_files(ByteTokenizer(), tmp_path)
+            node.path = str(tmp_path)
         if group == "hardware" and node.device == "cuda" and not torch.cuda.is_available():
             with pytest.raises(InstantiationException, match="CUDA is not available"):
                 instantiate(node)
@@ -105,6 +161,17 @@ def test_every_option_instantiates(group, tmp_path):
         nodes = node.values() if group == "callbacks" else [node]
         for item in nodes:
             assert instantiate(item) is not None
+
+
+DATA_TOKENIZERS = [(d, t) for d in group_options("data") for t in group_options("data/tokenizer")]
+
+
+@pytest.mark.parametrize("data, tokenizer", DATA_TOKENIZERS, ids=["-".join(pair) for pair in DATA_TOKENIZERS])
+def test_every_data_option_takes_every_tokenizer(data, tokenizer, tmp_path):
+    cfg = compose_cfg(f"data={data}", f"data/tokenizer={tokenizer}", f"paths.output_dir={tmp_path}")
+    assert HydraConfig.get().runtime.choices["data/tokenizer"] == tokenizer
+    expected = {"byte": "ByteTokenizer", "file": "TokenizerFile"}[tokenizer]
+    assert cfg.data.tokenizer._target_.rsplit(".", 1)[1] == expected
 
 
 def test_unknown_group_option_is_refused_with_its_name(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -15,8 +16,20 @@ from tests.e2e.test_cli import run_cli
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 SEQUENCE = next(block for block in BLOCKS if "llmtrain export" in block)   # commands that build on each other
-COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block is not SEQUENCE
+PIPELINE = next(block for block in BLOCKS if "experiment=pipeline_sft" in block)
+TOKENIZERS = next(block for block in BLOCKS if "llmtrain tokenizer train" in block)
+COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block not in (SEQUENCE, PIPELINE, TOKENIZERS)
             for line in block.splitlines() if line.startswith("python run.py")]
+CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                       {"role": "assistant", "content": str(i + 1)}]} for i in range(40)]
+PAIRS = [{"prompt": f"What is {i} plus 1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(40)]
+
+
+def write_user_files(cwd) -> None:
+    """The files the README's commands name: a text corpus, chats and preference pairs."""
+    (cwd / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸。\n" * 400)
+    (cwd / "chats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CHATS))
+    (cwd / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
 RESUME_PLACEHOLDER = "outputs/2026-11-24/10-00-00"
 
 
@@ -46,7 +59,7 @@ def test_readme_run_command(command, tmp_path):
     else:
         args = ["debug=smoke", *args]
     if any(a.startswith("data.paths=") for a in args):
-        (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸。\n" * 400)
+        write_user_files(tmp_path)
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run directory" in result.stdout + result.stderr
@@ -67,6 +80,33 @@ def test_readme_variant_block_runs_in_order(tmp_path):
             result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=tmp_path)
         assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
     assert (tmp_path / "exported_hf" / "config.json").is_file()
+
+
+def test_readme_tokenizer_block_runs_in_order(tmp_path):
+    """train a BPE tokenizer, write shards with it, train on the shards and on the text file."""
+    write_user_files(tmp_path)
+    lines = [line.split("  #")[0].strip() for line in TOKENIZERS.splitlines() if line.strip()]
+    for line in lines:
+        args = shlex.split(line)
+        if args[0] == "llmtrain":
+            result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=600)
+        else:
+            result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=tmp_path)
+        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    assert (tmp_path / "shards" / "index.json").is_file() and (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+def test_readme_pipeline_block_runs_in_order(tmp_path):
+    """pre-train -> SFT -> DPO, each stage from the last one's directory (shortened with debug=smoke)."""
+    lines = [line.split("  #")[0].strip() for line in PIPELINE.splitlines() if line.strip()]
+    assert [line.split("experiment=")[1] for line in lines] == ["pipeline_pretrain", "pipeline_sft", "pipeline_dpo"]
+    for line in lines:
+        result = run_cli("debug=smoke", "hardware=cpu", *shlex.split(line)[2:], cwd=tmp_path)
+        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    record = json.loads((tmp_path / "outputs/pipeline/dpo/run.json").read_text())
+    assert record["init_from"]["strategy"].endswith("SFT")
+    assert record["init_from"]["init_from"]["strategy"].endswith("NextToken")
 
 
 def test_readme_benchmark_command_runs():
