@@ -14,6 +14,7 @@ travel with their units and arrive flattened the same way, shape (k*B,).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -37,11 +38,16 @@ class PaddedBatches:
         if not units:
             raise ValueError("no examples to batch")
         self.k = len(units[0])
+        flat_ids, flat_labels = array("q"), array("q")      # typed buffers: no Python int per token kept
+        for unit in units:
+            for ids, labels in unit:
+                flat_ids.extend(ids)
+                flat_labels.extend(labels)
         lengths = [len(ids) for unit in units for ids, _ in unit]
         self.lengths_NK = torch.tensor(lengths, dtype=torch.long).view(len(units), self.k)
         self.starts_NK = (self.lengths_NK.flatten().cumsum(0) - self.lengths_NK.flatten()).view_as(self.lengths_NK)
-        self.ids = torch.tensor([t for unit in units for ids, _ in unit for t in ids], dtype=torch.int32)
-        self.is_target = torch.tensor([t != IGNORE_INDEX for unit in units for _, labels in unit for t in labels])
+        self.ids = torch.frombuffer(flat_ids, dtype=torch.int64).to(torch.int32)
+        self.is_target = torch.frombuffer(flat_labels, dtype=torch.int64) != IGNORE_INDEX
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.columns: dict[str, Tensor] = {}
 

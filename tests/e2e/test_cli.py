@@ -21,7 +21,12 @@ ROW_KEYS = {"step", "epoch", "iteration", "lr", "loss", "grad_norm", "tokens_per
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", "COLUMNS": "200"}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+                          cwd=cwd, env=env, timeout=600, preexec_fn=_interactive_signals)
+
+
+def _interactive_signals() -> None:
+    """Ctrl-C as at a terminal, even when pytest itself runs as a background job (SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -1,13 +1,13 @@
-"""Post-training through the real CLI: SFT and DPO runs, and the pre-train -> SFT -> DPO chain."""
+"""Post-training through the real CLI: DPO resume, early errors, no run directory reused.
+
+The pre-train -> SFT -> DPO chain itself runs as the README's pipeline block (tests/e2e/test_readme.py).
+"""
 
 from __future__ import annotations
 
-import json
-import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from tests.e2e.test_cli import SMOKE, rows, run_cli
 
@@ -15,39 +15,13 @@ DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards
             "logps/rejected"}
 
 
-def test_pretrain_then_sft_then_dpo_each_start_from_the_last_and_record_it(tmp_path):
-    pre, sft, dpo = tmp_path / "pre", tmp_path / "sft", tmp_path / "dpo"
-    stages = [(pre, ["model=mla"]), (sft, ["strategy=sft", f"model.init_from={pre}"]),
-              (dpo, ["strategy=dpo", f"model.init_from={sft}", "strategy.precompute_reference=true",
-                     "data.n_train=1000", "data.n_eval=100"])]     # precompute scores every pair once
-    for run_dir, overrides in stages:
-        result = run_cli(*SMOKE, *overrides, f"hydra.run.dir={run_dir}")
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    sft_rows = rows(sft)
-    assert {"ppl", "response_tokens", "eval/ppl", "eval/accuracy"} <= set(sft_rows[-1])
-    assert all(row["response_tokens"] > 0 for row in sft_rows)
-    dpo_rows = rows(dpo)
-    assert DPO_KEYS <= set(dpo_rows[0]) and {f"eval/{k}" for k in DPO_KEYS} <= set(dpo_rows[-1])
-    assert dpo_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)     # policy == reference at step 1
-    assert dpo_rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert "held-out preference accuracy" in (dpo / "train.log").read_text()
-
-    lineage = json.loads((dpo / "run.json").read_text())["init_from"]
-    assert lineage["strategy"] == "llmtrain.strategies.sft.SFT" and lineage["step"] == 8
-    assert lineage["checkpoint"].startswith(str(sft.resolve()))
-    assert lineage["init_from"]["strategy"] == "llmtrain.strategies.seq.NextToken"
-    assert json.loads((pre / "run.json").read_text())["init_from"] is None
-    for run_dir in (sft, dpo):    # the architecture came from the pre-trained run, not from model=gqa
-        assert OmegaConf.load(run_dir / "resolved_config.yaml").model.attention._target_.endswith("MLAttention")
-
-
 def test_a_run_directory_that_holds_a_run_is_not_overwritten(tmp_path):
-    assert run_cli(*SMOKE, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}").returncode == 0
-    before = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "run.json").write_text('{"status": "completed"}')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     result = run_cli(*SMOKE, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and f"{tmp_path} already holds a run" in result.stderr
-    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (tmp_path / "run.json").read_text() == '{"status": "completed"}'
 
 
 def test_dpo_on_text_data_fails_at_start_naming_both(tmp_path):

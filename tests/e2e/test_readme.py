@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.test_cli import run_cli
+from tests.e2e.test_cli import rows, run_cli
 
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
@@ -65,6 +66,17 @@ def test_readme_run_command(command, tmp_path):
     assert "run directory" in result.stdout + result.stderr
 
 
+def run_readme_line(line: str, cwd) -> None:
+    """One line of a README block: an `llmtrain` command as typed, or a run shortened by debug=smoke."""
+    args = shlex.split(line)
+    if args[0] == "llmtrain":
+        result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=cwd,
+                                capture_output=True, text=True, timeout=600)
+    else:
+        result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=cwd)
+    assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+
+
 def test_readme_variant_block_runs_in_order(tmp_path):
     """model variants, then generate / export from a run, then a run that starts from the export."""
     assert run_cli("debug=smoke", "hardware=cpu", f"hydra.run.dir={tmp_path / RESUME_PLACEHOLDER}",
@@ -72,13 +84,7 @@ def test_readme_variant_block_runs_in_order(tmp_path):
     lines = [line.split("  #")[0].strip() for line in SEQUENCE.splitlines() if line.strip()]
     assert len(lines) >= 6 and any(line.startswith("llmtrain generate") for line in lines)
     for line in lines:
-        args = shlex.split(line)
-        if args[0] == "llmtrain":
-            result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=600)
-        else:
-            result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=tmp_path)
-        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+        run_readme_line(line, tmp_path)
     assert (tmp_path / "exported_hf" / "config.json").is_file()
 
 
@@ -87,13 +93,7 @@ def test_readme_tokenizer_block_runs_in_order(tmp_path):
     write_user_files(tmp_path)
     lines = [line.split("  #")[0].strip() for line in TOKENIZERS.splitlines() if line.strip()]
     for line in lines:
-        args = shlex.split(line)
-        if args[0] == "llmtrain":
-            result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=600)
-        else:
-            result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=tmp_path)
-        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+        run_readme_line(line, tmp_path)
     assert (tmp_path / "shards" / "index.json").is_file() and (tmp_path / "tok" / "tokenizer.json").is_file()
 
 
@@ -102,11 +102,22 @@ def test_readme_pipeline_block_runs_in_order(tmp_path):
     lines = [line.split("  #")[0].strip() for line in PIPELINE.splitlines() if line.strip()]
     assert [line.split("experiment=")[1] for line in lines] == ["pipeline_pretrain", "pipeline_sft", "pipeline_dpo"]
     for line in lines:
-        result = run_cli("debug=smoke", "hardware=cpu", *shlex.split(line)[2:], cwd=tmp_path)
-        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
-    record = json.loads((tmp_path / "outputs/pipeline/dpo/run.json").read_text())
-    assert record["init_from"]["strategy"].endswith("SFT")
-    assert record["init_from"]["init_from"]["strategy"].endswith("NextToken")
+        run_readme_line(line, tmp_path)
+    pre, sft, dpo = (tmp_path / "outputs/pipeline" / stage for stage in ("pretrain", "sft", "dpo"))
+    sft_rows, dpo_rows = rows(sft), rows(dpo)
+    assert {"ppl", "response_tokens", "eval/ppl", "eval/accuracy"} <= set(sft_rows[-1])
+    assert all(row["response_tokens"] > 0 for row in sft_rows)
+    dpo_keys = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "nll/chosen"}
+    assert dpo_keys <= set(dpo_rows[0]) and {f"eval/{k}" for k in dpo_keys} <= set(dpo_rows[-1])
+    assert dpo_rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)   # policy == reference at step 1
+    assert dpo_rows[0]["loss"] == pytest.approx(math.log(2) + dpo_rows[0]["nll/chosen"], abs=1e-5)
+    assert "held-out preference accuracy" in (dpo / "train.log").read_text()
+    assert json.loads((pre / "run.json").read_text())["init_from"] is None
+    lineage = json.loads((dpo / "run.json").read_text())["init_from"]
+    assert lineage["strategy"] == "llmtrain.strategies.sft.SFT" and lineage["step"] == 8
+    assert lineage["checkpoint"].startswith(str(sft.resolve()))
+    assert lineage["init_from"]["strategy"] == "llmtrain.strategies.seq.NextToken"
 
 
 def test_readme_benchmark_command_runs():
