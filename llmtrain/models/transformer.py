@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def forward(self, ids_BT: Tensor, positions: Tensor | None = None, attention_mask_BT: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, mask_BTT: Tensor | None = None) -> Tensor:
         """Next-token logits of the T given tokens.
 
         Args:
@@ -117,16 +117,26 @@ class Transformer(nn.Module):
                 tokens of its row (0 .. T-1 without padding, continuing after the cache).
             attention_mask_BT: 1 = real token, 0 = left pad, for the T new tokens; None = all real.
             cache: From `new_cache`; the layers append to it and attend over everything in it.
+            mask_BTT: bool, True = query t may attend to key s: a layout of several sequences in one
+                row (e.g. DPO's prompt + chosen + rejected); give `positions` with it. No cache.
 
         Returns:
             logits_BTV in the model's dtype (callers upcast for the loss if they need to).
         """
         T = ids_BT.shape[1]
         past = 0 if cache is None else cache.length
-        if past + T > self.rope.max_seq_len:
+        if mask_BTT is not None:         # several sequences share a row: the largest position counts
+            if cache is not None or positions is None:
+                raise ValueError("mask_BTT needs explicit positions and no cache")
+            if int(positions.max()) >= self.rope.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} is beyond max_seq_len={self.rope.max_seq_len} "
+                                 "(the RoPE table); shorten the input or build the model with a larger max_seq_len")
+            default_positions, mask = None, mask_BTT[:, None]
+            caches = [None] * self.n_layers
+        elif past + T > self.rope.max_seq_len:
             raise ValueError(f"{past} cached + {T} new tokens exceed max_seq_len={self.rope.max_seq_len} "
                              "(the RoPE table); shorten the input or build the model with a larger max_seq_len")
-        if cache is None:
+        elif cache is None:
             default_positions, mask = _padding_positions_and_mask(attention_mask_BT)
             caches = [None] * self.n_layers
         else:

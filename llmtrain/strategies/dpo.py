@@ -38,6 +38,61 @@ def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     return -nll_BT.sum(-1), (targets_BT != IGNORE_INDEX).sum(-1)
 
 
+def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """`response_logps` of a preference batch with each pair's prompt computed once.
+
+    Pair i becomes one row, prompt + chosen + rejected, in which the rejected tokens attend to the
+    prompt and to themselves but not to the chosen ones, and take the positions they would have
+    after the prompt alone. Causal attention makes every log-prob equal to the two-row layout's
+    (tested), with one prompt fewer per pair in every matmul: 25% fewer tokens for equal prompt and
+    answer lengths, more for long prompts. Falls back to `response_logps` when a pair's rows do not
+    share the tokens before their first target.
+    """
+    ids_NT, labels_NT = batch["input_ids"], batch["labels"]
+    B, device = ids_NT.shape[0] // 2, ids_NT.device
+    is_target_NT = labels_NT != IGNORE_INDEX
+    first_N = is_target_NT.int().argmax(-1)                                  # prompt length P
+    end_N = ids_NT.shape[1] - is_target_NT.flip(-1).int().argmax(-1)        # one past the last target
+    first, end = first_N.tolist(), end_N.tolist()
+    rows, positions, segments, sources, targets, owners = [], [], [], [], [], []
+    for i in range(B):
+        c, r = i, B + i
+        P = first[c]
+        if first[r] != P or not torch.equal(ids_NT[c, :P], ids_NT[r, :P]):
+            return response_logps(model, batch)
+        n_c, n_r = end[c] - P, end[r] - P
+        rows.append(torch.cat([ids_NT[c, :end[c]], ids_NT[r, P:end[r]]]))
+        positions.append(torch.cat([torch.arange(end[c]), torch.arange(P, end[r])]))
+        segments.append(torch.cat([torch.zeros(P), torch.ones(n_c), torch.full((n_r,), 2.0)]))
+        # token t of a row is predicted at the index of its predecessor: the last prompt token
+        # predicts the first token of both answers
+        rejected_at = torch.arange(end[c], end[c] + n_r)
+        sources.append(torch.cat([torch.arange(P - 1, end[c] - 1), torch.tensor([P - 1]), rejected_at[:-1]]))
+        targets.append(torch.cat([ids_NT[c, P:end[c]], ids_NT[r, P:end[r]]]))
+        keep = torch.cat([is_target_NT[c, P:end[c]], is_target_NT[r, P:end[r]]])
+        sources[-1], targets[-1] = sources[-1][keep.cpu()], targets[-1][keep]
+        owners.append(torch.cat([torch.full((int(keep[:n_c].sum()),), c), torch.full((int(keep[n_c:].sum()),), r)]))
+    T = max(len(row) for row in rows)
+    ids_BT = torch.zeros(B, T, dtype=ids_NT.dtype, device=device)
+    positions_BT = torch.zeros(B, T, dtype=torch.long)
+    segment_BT = torch.full((B, T), 3.0)                                     # padding: its own segment
+    for i, (row, pos, seg) in enumerate(zip(rows, positions, segments)):
+        ids_BT[i, :len(row)], positions_BT[i, :len(row)], segment_BT[i, :len(row)] = row, pos, seg
+    causal_TT = torch.ones(T, T, dtype=torch.bool).tril()
+    same_BTT = (segment_BT[:, None, :] == 0) | (segment_BT[:, None, :] == segment_BT[:, :, None])
+    mask_BTT = (causal_TT & same_BTT).to(device)
+    logits_BTV = model(ids_BT, positions=positions_BT.to(device), mask_BTT=mask_BTT)
+    batch_index = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sources)]).to(device)
+    source, target, owner = torch.cat(sources).to(device), torch.cat(targets), torch.cat(owners).to(device)
+    logp_K = -F.cross_entropy(logits_BTV[batch_index, source].float(), target, reduction="none")
+    logps_N = torch.zeros(2 * B, device=device, dtype=logp_K.dtype).index_add(0, owner, logp_K)
+    return logps_N, is_target_NT.sum(-1)
+
+
+def pair_logps(model: nn.Module, batch: dict[str, Tensor], share_prompt: bool) -> tuple[Tensor, Tensor]:
+    return shared_prompt_logps(model, batch) if share_prompt else response_logps(model, batch)
+
+
 class FrozenReference:
     """The reference policy: a frozen copy of the starting policy, or a separate model.
 
@@ -47,10 +102,12 @@ class FrozenReference:
             directory / checkpoint / Hugging Face folder to load the reference from.
         precompute: score every training and held-out pair once before training and drop the
             model (saves a forward per step and the reference's memory).
+        share_prompt: score each pair as one row (shared_prompt_logps).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, precompute: bool = False) -> None:
-        self.path, self.precompute = path, precompute
+    def __init__(self, path: str | os.PathLike | None = None, precompute: bool = False,
+                 share_prompt: bool = True) -> None:
+        self.path, self.precompute, self.share_prompt = path, precompute, share_prompt
         self.model: nn.Module | None = None
 
     def setup(self, policy: nn.Module, data: object) -> None:
@@ -69,7 +126,7 @@ class FrozenReference:
         if self.precompute:
             def score(batch: dict[str, Tensor]) -> Tensor:
                 with torch.no_grad():
-                    return response_logps(self.model, {k: v.to(device) for k, v in batch.items()})[0]
+                    return pair_logps(self.model, {k: v.to(device) for k, v in batch.items()}, self.share_prompt)[0]
             data.add_column("ref_logps", score)
             log.info("reference log-probs precomputed for every pair; the reference model is released")
             self.model = None
@@ -80,7 +137,7 @@ class FrozenReference:
         if self.model is None:
             raise RuntimeError("the reference is not set up: call strategy.setup(model, data) before training")
         with torch.no_grad():
-            return response_logps(self.model, batch)[0]
+            return pair_logps(self.model, batch, self.share_prompt)[0]
 
 
 def preference_metrics(beta: float, policy_2B: Tensor, reference_2B: Tensor, num_items: int) -> dict[str, Tensor]:
@@ -103,12 +160,13 @@ class DPO:
         reference: where the reference comes from (see FrozenReference; null = copy of the policy).
         precompute_reference: score the reference once per dataset instead of every step.
         nll_weight: α of the added chosen-response NLL (0: plain DPO).
+        share_prompt: compute each pair's prompt once (shared_prompt_logps; same numbers, fewer FLOPs).
     """
 
     format = "preference"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference: str | None = None,
-                 precompute_reference: bool = False, nll_weight: float = 0.0) -> None:
+                 precompute_reference: bool = False, nll_weight: float = 0.0, share_prompt: bool = True) -> None:
         if beta <= 0:
             raise ValueError(f"strategy.beta={beta} must be > 0")
         if not 0.0 <= label_smoothing < 0.5:
@@ -116,7 +174,8 @@ class DPO:
         if nll_weight < 0:
             raise ValueError(f"strategy.nll_weight={nll_weight} must be >= 0")
         self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
-        self.reference = FrozenReference(reference, precompute_reference)
+        self.share_prompt = share_prompt
+        self.reference = FrozenReference(reference, precompute_reference, share_prompt)
 
     def setup(self, model: nn.Module, data: object) -> None:
         self.reference.setup(model, data)
@@ -125,7 +184,7 @@ class DPO:
         return batch["input_ids"].shape[0] // 2                 # pairs
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        policy_2B, lengths_2B = response_logps(model, batch)
+        policy_2B, lengths_2B = pair_logps(model, batch, self.share_prompt)
         reference_2B = self.reference.logps(batch)
         loss_B = self.pair_loss(policy_2B, reference_2B)
         metrics = preference_metrics(self.beta, policy_2B, reference_2B, num_items)

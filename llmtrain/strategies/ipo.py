@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from llmtrain.strategies.dpo import FrozenReference, preference_metrics, response_logps
+from llmtrain.strategies.dpo import FrozenReference, pair_logps, preference_metrics
 
 
 class IPO:
@@ -20,16 +20,17 @@ class IPO:
 
     Args:
         beta: IPO's τ; the target gap is 1 / (2β).
-        reference, precompute_reference: as for DPO.
+        reference, precompute_reference, share_prompt: as for DPO.
     """
 
     format = "preference"
 
-    def __init__(self, beta: float = 0.1, reference: str | None = None, precompute_reference: bool = False) -> None:
+    def __init__(self, beta: float = 0.1, reference: str | None = None, precompute_reference: bool = False,
+                 share_prompt: bool = True) -> None:
         if beta <= 0:
             raise ValueError(f"strategy.beta={beta} must be > 0")
-        self.beta = beta
-        self.reference = FrozenReference(reference, precompute_reference)
+        self.beta, self.share_prompt = beta, share_prompt
+        self.reference = FrozenReference(reference, precompute_reference, share_prompt)
 
     def setup(self, model: nn.Module, data: object) -> None:
         self.reference.setup(model, data)
@@ -38,7 +39,7 @@ class IPO:
         return batch["input_ids"].shape[0] // 2
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        policy_2B, lengths_2B = response_logps(model, batch)
+        policy_2B, lengths_2B = pair_logps(model, batch, self.share_prompt)
         reference_2B = self.reference.logps(batch)
         loss_B = self.pair_loss(policy_2B, reference_2B, lengths_2B)
         return loss_B.sum() / num_items, preference_metrics(self.beta, policy_2B, reference_2B, num_items)

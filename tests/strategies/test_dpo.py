@@ -161,3 +161,44 @@ def test_nll_weight_adds_the_chosen_answers_mean_token_nll():
     nll = float((-logps[:4] / lengths[:4]).mean())
     assert float(metrics["nll/chosen"]) == pytest.approx(nll, abs=1e-5)
     assert float(loss_rpo - loss_plain) == pytest.approx(0.5 * nll, abs=1e-5)
+
+
+def test_a_shared_prompt_row_gives_the_two_row_logprobs_and_gradients(tmp_path):
+    """Pairs from files: message-list answers with several turns, user turns between the targets."""
+    import json
+
+    from llmtrain.data.files import RecordFiles
+    from llmtrain.strategies.dpo import shared_prompt_logps
+
+    rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "five, I think"},
+            {"prompt": [{"role": "system", "content": "short"}, {"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"},
+                        {"role": "assistant", "content": "hello again"}],
+             "rejected": [{"role": "assistant", "content": "go"}]}] * 2
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = RecordFiles([str(path)], ByteTokenizer(), batch_size=3, eval_fraction=0.25)
+    data.setup("preference")
+    batch = next(data.train_batches(0))
+    model = tiny_model()
+    two_rows, lengths = response_logps(model, batch)
+    grads = torch.autograd.grad(two_rows.sum(), list(model.parameters()))
+    one_row, shared_lengths = shared_prompt_logps(model, batch)
+    shared_grads = torch.autograd.grad(one_row.sum(), list(model.parameters()))
+    torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lengths, shared_lengths)
+    for a, b in zip(shared_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_prompt_layout_saves_one_prompt_per_pair():
+    from llmtrain.strategies.dpo import shared_prompt_logps
+
+    batch = next(preference_data().train_batches(0))
+    seen = {}
+    model = tiny_model()
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs, ids=args[0]), with_kwargs=True)
+    shared_prompt_logps(model, batch)
+    prompt_tokens = int((batch["labels"][:4] == -100).logical_and(batch["input_ids"][:4] != 0).sum())
+    assert seen["ids"].shape[0] == 4 and seen["mask_BTT"].shape[1:] == (seen["ids"].shape[1],) * 2
+    assert int((seen["ids"] != 0).sum()) == int((batch["input_ids"] != 0).sum()) - prompt_tokens
