@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -134,3 +135,15 @@ def test_readme_generation_benchmark_command_runs():
                              "--new-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| gqa tiny | ratio llmtrain/transformers" in result.stdout and "| mla tiny | llmtrain |" in result.stdout
+
+
+def test_readme_dpo_benchmark_command_runs_or_names_its_extra():
+    """TRL is the `bench` extra, not a test dependency: without it the command says what to install."""
+    command = re.search(r"`(python benchmarks/dpo_throughput.py)`", README).group(1)
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:], "--steps", "1", "--warmup", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    if importlib.util.find_spec("trl") is None:
+        assert result.returncode != 0 and "pip install -e '.[bench]'" in result.stderr, result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| llmtrain | online reference |" in result.stdout and "| TRL DPOTrainer |" in result.stdout
