@@ -48,15 +48,15 @@ def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
     answer lengths, more for long prompts. Falls back to `response_logps` when a pair's rows do not
     share the tokens before their first target.
     """
-    ids_NT, labels_NT = batch["input_ids"], batch["labels"]
-    B, device = ids_NT.shape[0] // 2, ids_NT.device
-    is_target_NT = labels_NT != IGNORE_INDEX
-    first_N = is_target_NT.int().argmax(-1)                                  # prompt length P
-    end_N = ids_NT.shape[1] - is_target_NT.flip(-1).int().argmax(-1)        # one past the last target
-    first, end = first_N.tolist(), end_N.tolist()
+    device = batch["input_ids"].device
+    ids_NT, is_target_NT = batch["input_ids"].cpu(), batch["labels"].cpu() != IGNORE_INDEX   # layout built on CPU
+    B = ids_NT.shape[0] // 2
+    if not bool(is_target_NT.any(-1).all()):
+        return response_logps(model, batch)
+    first = is_target_NT.int().argmax(-1).tolist()                                  # prompt length P
+    end = (ids_NT.shape[1] - is_target_NT.flip(-1).int().argmax(-1)).tolist()     # one past the last target
     rows, positions, segments, sources, targets, owners = [], [], [], [], [], []
-    for i in range(B):
-        c, r = i, B + i
+    for c, r in zip(range(B), range(B, 2 * B)):
         P = first[c]
         if first[r] != P or not torch.equal(ids_NT[c, :P], ids_NT[r, :P]):
             return response_logps(model, batch)
@@ -64,29 +64,27 @@ def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
         rows.append(torch.cat([ids_NT[c, :end[c]], ids_NT[r, P:end[r]]]))
         positions.append(torch.cat([torch.arange(end[c]), torch.arange(P, end[r])]))
         segments.append(torch.cat([torch.zeros(P), torch.ones(n_c), torch.full((n_r,), 2.0)]))
-        # token t of a row is predicted at the index of its predecessor: the last prompt token
-        # predicts the first token of both answers
+        # token t is predicted at its predecessor's index; the last prompt token predicts both answers' first
         rejected_at = torch.arange(end[c], end[c] + n_r)
-        sources.append(torch.cat([torch.arange(P - 1, end[c] - 1), torch.tensor([P - 1]), rejected_at[:-1]]))
-        targets.append(torch.cat([ids_NT[c, P:end[c]], ids_NT[r, P:end[r]]]))
+        source = torch.cat([torch.arange(P - 1, end[c] - 1), torch.tensor([P - 1]), rejected_at[:-1]])
         keep = torch.cat([is_target_NT[c, P:end[c]], is_target_NT[r, P:end[r]]])
-        sources[-1], targets[-1] = sources[-1][keep.cpu()], targets[-1][keep]
-        owners.append(torch.cat([torch.full((int(keep[:n_c].sum()),), c), torch.full((int(keep[n_c:].sum()),), r)]))
+        sources.append(source[keep])
+        targets.append(torch.cat([ids_NT[c, P:end[c]], ids_NT[r, P:end[r]]])[keep])
+        owners.append(torch.where(torch.arange(n_c + n_r) < n_c, c, r)[keep])
     T = max(len(row) for row in rows)
-    ids_BT = torch.zeros(B, T, dtype=ids_NT.dtype, device=device)
+    ids_BT = torch.zeros(B, T, dtype=ids_NT.dtype)
     positions_BT = torch.zeros(B, T, dtype=torch.long)
     segment_BT = torch.full((B, T), 3.0)                                     # padding: its own segment
     for i, (row, pos, seg) in enumerate(zip(rows, positions, segments)):
         ids_BT[i, :len(row)], positions_BT[i, :len(row)], segment_BT[i, :len(row)] = row, pos, seg
     causal_TT = torch.ones(T, T, dtype=torch.bool).tril()
     same_BTT = (segment_BT[:, None, :] == 0) | (segment_BT[:, None, :] == segment_BT[:, :, None])
-    mask_BTT = (causal_TT & same_BTT).to(device)
-    logits_BTV = model(ids_BT, positions=positions_BT.to(device), mask_BTT=mask_BTT)
+    logits_BTV = model(ids_BT.to(device), positions=positions_BT.to(device), mask_BTT=(causal_TT & same_BTT).to(device))
     batch_index = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sources)]).to(device)
-    source, target, owner = torch.cat(sources).to(device), torch.cat(targets), torch.cat(owners).to(device)
+    source, target, owner = (torch.cat(x).to(device) for x in (sources, targets, owners))
     logp_K = -F.cross_entropy(logits_BTV[batch_index, source].float(), target, reduction="none")
     logps_N = torch.zeros(2 * B, device=device, dtype=logp_K.dtype).index_add(0, owner, logp_K)
-    return logps_N, is_target_NT.sum(-1)
+    return logps_N, is_target_NT.sum(-1).to(device)
 
 
 def pair_logps(model: nn.Module, batch: dict[str, Tensor], share_prompt: bool) -> tuple[Tensor, Tensor]:
