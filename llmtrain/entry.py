@@ -53,6 +53,17 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     return saved
 
 
+def claim_run_dir(output_dir: Path) -> None:
+    """Create run.json exclusively: a directory that holds a run, or is being claimed by another
+    process at this moment, is refused instead of being written over."""
+    try:
+        with (output_dir / "run.json").open("x") as record:
+            record.write('{"status": "starting"}\n')
+    except FileExistsError:
+        raise ValueError(f"{output_dir} already holds a run (run.json): continue it with resume={output_dir}, "
+                         "or choose another hydra.run.dir / paths.output_dir") from None
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail in the first second on values that are missing (???) or do not resolve."""
     if cfg.paths.output_dir is None:
@@ -99,9 +110,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg = resume_config(cfg, checkpoint)
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if checkpoint is None and (output_dir / "run.json").exists():
-        raise ValueError(f"{output_dir} already holds a run (run.json): continue it with resume={output_dir}, "
-                         "or choose another hydra.run.dir / paths.output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     hardware = instantiate(cfg.hardware)
@@ -123,6 +131,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                              "add trainer.max_steps=<more> to train further")
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
     else:
+        claim_run_dir(output_dir)                      # nothing is written into the directory before this
         save_resolved_config(cfg, output_dir)
     init_from = cfg.model.get("init_from")
     record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint),

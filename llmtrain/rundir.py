@@ -7,6 +7,7 @@ and writes what Hydra does not: resolved_config.yaml and run.json.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -46,7 +47,23 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def _run_dir_resolver(resume: str | None, default: str) -> str:
-    return default if resume is None else str(run_dir_of(find_checkpoint(resume)))
+    return claim_new_dir(Path(default)) if resume is None else str(run_dir_of(find_checkpoint(resume)))
+
+
+def claim_new_dir(path: Path) -> str:
+    """`path`, else `path_2`, `path_3`, ...: the first that does not exist yet, created here.
+
+    mkdir is atomic, so two runs started in the same second get two directories, never one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        candidate = path if n == 1 else path.with_name(f"{path.name}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise AssertionError("unreachable")
 
 
 def _snapshot_dir_resolver(resume: str | None) -> str:
@@ -57,7 +74,7 @@ def _snapshot_dir_resolver(resume: str | None) -> str:
 
 def register_resolvers() -> None:
     """Resolvers used by conf/hydra/default.yaml; must run before @hydra.main composes."""
-    OmegaConf.register_new_resolver("llmtrain.run_dir", _run_dir_resolver, replace=True)
+    OmegaConf.register_new_resolver("llmtrain.run_dir", _run_dir_resolver, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True,
                                     use_cache=True)
 

@@ -54,3 +54,15 @@ def test_dpo_resume_continues_with_the_same_reference_bit_exactly(precompute, tm
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    """The default run directory is claimed with an atomic mkdir: a second claim gets a suffix."""
+    from llmtrain.entry import claim_run_dir
+    from llmtrain.rundir import claim_new_dir
+
+    base = tmp_path / "outputs" / "16-04-37"
+    assert [claim_new_dir(base) for _ in range(3)] == [str(base), f"{base}_2", f"{base}_3"]
+    claim_run_dir(base)
+    with pytest.raises(ValueError, match="already holds a run"):
+        claim_run_dir(base)
