@@ -64,6 +64,20 @@ def claim_run_dir(output_dir: Path) -> None:
                          "or choose another hydra.run.dir / paths.output_dir") from None
 
 
+@contextlib.contextmanager
+def claimed_run_dir(output_dir: Path, claim: bool) -> Iterator[None]:
+    """Claim `output_dir` for a new run during the setup inside; if the setup fails (bad input),
+    release it again, so that the directory does not look like it holds a run."""
+    if claim:
+        claim_run_dir(output_dir)
+    try:
+        yield
+    except BaseException:
+        if claim:
+            (output_dir / "run.json").unlink(missing_ok=True)
+        raise
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail in the first second on values that are missing (???) or do not resolve."""
     if cfg.paths.output_dir is None:
@@ -112,30 +126,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    hardware = instantiate(cfg.hardware)
-    data = instantiate(cfg.data)                       # cheap: the heavy work is in data.setup
-    model = build_model(cfg, hardware, data.tokenizer.vocab_size)
-    strategy = instantiate(cfg.strategy)
-    optimizer = instantiate(cfg.optimizer)(model.named_parameters())
-    make_scheduler = instantiate(cfg.scheduler)
-    data.setup(strategy.format)                        # an impossible pairing fails here, naming both
-    strategy.setup(model, data)                        # before a resumed checkpoint replaces the weights
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,
-                          scheduler=make_scheduler, hardware=hardware, callbacks=callbacks, config_yaml=config_yaml)
-    if checkpoint is not None:
-        load_checkpoint(checkpoint, trainer)
-        if trainer.done:
-            raise ValueError(f"resume={cfg.resume}: the run already finished its {trainer.total_steps} steps; "
-                             "add trainer.max_steps=<more> to train further")
-        log.info("resumed from %s at step %d", checkpoint, trainer.step)
-    else:
-        claim_run_dir(output_dir)                      # nothing is written into the directory before this
-        save_resolved_config(cfg, output_dir)
-    init_from = cfg.model.get("init_from")
-    record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint),
-                       stage_record(init_from) if init_from else None)
+    with claimed_run_dir(output_dir, claim=checkpoint is None):   # a directory in use fails here, first
+        hardware = instantiate(cfg.hardware)
+        data = instantiate(cfg.data)                   # cheap: the heavy work is in data.setup
+        model = build_model(cfg, hardware, data.tokenizer.vocab_size)
+        strategy = instantiate(cfg.strategy)
+        optimizer = instantiate(cfg.optimizer)(model.named_parameters())
+        make_scheduler = instantiate(cfg.scheduler)
+        data.setup(strategy.format)                    # an impossible pairing fails here, naming both
+        strategy.setup(model, data)                    # before a resumed checkpoint replaces the weights
+        callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,
+                              scheduler=make_scheduler, hardware=hardware, callbacks=callbacks,
+                              config_yaml=config_yaml)
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, trainer)
+            if trainer.done:
+                raise ValueError(f"resume={cfg.resume}: the run already finished its {trainer.total_steps} steps; "
+                                 "add trainer.max_steps=<more> to train further")
+            log.info("resumed from %s at step %d", checkpoint, trainer.step)
+        else:
+            save_resolved_config(cfg, output_dir)
+        init_from = cfg.model.get("init_from")
+        record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint),
+                           stage_record(init_from) if init_from else None)
     log.info("%s; %d steps of %d micro-batch(es); run directory %s", hardware, trainer.total_steps,
              trainer.accumulation_steps, output_dir)
 

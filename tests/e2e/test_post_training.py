@@ -18,7 +18,8 @@ DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards
 def test_a_run_directory_that_holds_a_run_is_not_overwritten(tmp_path):
     (tmp_path / "run.json").write_text('{"status": "completed"}')
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = run_cli(*SMOKE, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+    # data.n_train=1 would fail at data setup: the directory check must come first
+    result = run_cli(*SMOKE, "trainer.max_steps=2", "data.n_train=1", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0 and f"{tmp_path} already holds a run" in result.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (tmp_path / "run.json").read_text() == '{"status": "completed"}'
@@ -66,3 +67,15 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     claim_run_dir(base)
     with pytest.raises(ValueError, match="already holds a run"):
         claim_run_dir(base)
+
+
+def test_a_run_that_fails_at_setup_leaves_its_directory_free(tmp_path):
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+
+    with pytest.raises(ValueError, match="do not fill one row"):
+        train(compose_cfg(*IN_PROCESS, "data.n_train=1", f"paths.output_dir={tmp_path}"))
+    assert not (tmp_path / "run.json").exists()
+    metrics, _ = train(compose_cfg(*IN_PROCESS, "trainer.max_steps=1", "data.accuracy_examples=0",
+                                   f"paths.output_dir={tmp_path}"))
+    assert metrics["step"] == 1
