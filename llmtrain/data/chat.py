@@ -32,17 +32,6 @@ class ChatTemplate(Protocol):
         """Ids of a conversation followed by the opening of an assistant turn (for generation)."""
 
 
-def check_messages(messages: Sequence[Message], where: str = "messages") -> None:
-    """Every message has a known role and string content."""
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) < {"role", "content"}:
-            raise ValueError(f"{where}[{i}]: expected {{'role': ..., 'content': ...}}, got {message!r}")
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}[{i}]: role {message['role']!r} is not one of {ROLES}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}[{i}]: content must be a string, got {type(message['content']).__name__}")
-
-
 class SpecialTokenTemplate:
     """`<bos><|user|>question<eos><|assistant|>answer<eos>`: role markers are single special tokens."""
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from llmtrain.data.chat import IGNORE_INDEX
 Sequence_ = tuple[list[int], list[int]]          # ids, labels (IGNORE_INDEX where not a target)
 
 
@@ -93,7 +93,3 @@ class PaddedBatches:
             values.append(compute(self.batch(units_B)).detach().float().cpu().view(self.k, -1).T)
         self.columns[name] = torch.cat(values)
 
-
-def response_lengths(units: Sequence[Sequence[Sequence_]]) -> list[int]:
-    """Target tokens of each unit's sequence with the fewest (0 means a truncated-away response)."""
-    return [min(sum(t != IGNORE_INDEX for t in labels) for _, labels in unit) for unit in units]
