@@ -4,10 +4,12 @@ import signal
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from llmtrain.entry import train
-from llmtrain.trainer import StopRequested
+from llmtrain.trainer import NonFiniteError, StopRequested
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -17,6 +19,11 @@ def main(cfg: DictConfig) -> float:
     except StopRequested as stop:        # SIGTERM / Ctrl-C: checkpointed; the shell convention 128 + signal
         print(stop, file=sys.stderr)
         sys.exit(128 + signal.Signals[stop.reason].value)
+    except NonFiniteError as error:      # checkpointed; the message says how to go on, a traceback would not
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise                        # the sweep records this job as failed and runs the others
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     return metrics["eval/loss"]          # the objective a Hydra sweeper (e.g. optuna) minimises
 
 

@@ -9,17 +9,21 @@ Layout of `checkpoints/step_000200/`:
 
 Every checkpoint is written into a hidden temporary folder that is renamed into place, and then
 `latest` is repointed with an atomic symlink replace: a crash at any moment leaves `latest`
-pointing at a complete checkpoint.
+pointing at a complete checkpoint. A write that fails (a full disk) removes what it created and
+raises OSError, leaving the earlier checkpoints and `latest` as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +68,92 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def os_error(error: BaseException) -> OSError | None:
+    """The OS error behind a failed write, or None (a bug must stay a bug, not become "disk trouble").
+
+    The writers report a full disk in their own types: torch.save into an open file raises a
+    RuntimeError ("unexpected pos ...") whose context is the OSError, and safetensors (Rust) names it
+    only in its message, "I/O error: No space left on device (os error 28)" (both seen on a full tmpfs).
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if match := re.search(r"I/O error: (.+?) \(os error (\d+)\)", str(error)):
+        return OSError(int(match[2]), match[1])
+    return None
+
+
+def _write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(path)`, turning a failed write into OSError(errno, strerror, path) whatever wrote it."""
+    try:
+        write(path)
+    except Exception as error:
+        cause = os_error(error)
+        if cause is None or cause.errno is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from error
+
+
+def _torch_save(obj: object, path: Path) -> None:
+    with path.open("wb") as handle:             # a file object, not a path: torch then keeps the OSError
+        torch.save(obj, handle)
+
+
+def _write_files(tmp: Path, trainer: Any, config_yaml: str) -> None:
+    state = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+             "rng": rng_state(), "trainer": trainer.state_dict()}
+    meta = {"format_version": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
+            "iteration": trainer.iteration, "config_hash": config_hash(config_yaml), "rope_layout": "half",
+            "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    _write(tmp / "model.safetensors",
+           lambda path: save_file(unique_tensors(trainer.model), str(path), metadata={"format": "pt"}))
+    _write(tmp / "resume.pt", lambda path: _torch_save(state, path))
+    _write(tmp / "config.yaml", lambda path: path.write_text(config_yaml))
+    _write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))     # last
+
+
 def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
-    """Write the trainer's current state to `root/step_N` and point `root/latest` at it."""
+    """Write the trainer's current state to `root/step_N` and point `root/latest` at it.
+
+    Raises:
+        OSError: a write, fsync, rename or the symlink failed (e.g. errno ENOSPC, "No space left on
+            device"), whichever library wrote the file. What this call created is removed first (best
+            effort, never masking that error) and a folder it moved aside is put back, so the earlier
+            step folders and `latest` are as they were: `latest` still names the last complete checkpoint.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(trainer.step)
     tmp = root / f".tmp_{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)                      # debris of a write that was killed
-    tmp.mkdir()
-    save_file(unique_tensors(trainer.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                "rng": rng_state(), "trainer": trainer.state_dict()}, tmp / "resume.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    meta = {"format_version": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
-            "iteration": trainer.iteration, "config_hash": config_hash(config_yaml), "rope_layout": "half",
-            "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():                          # e.g. resumed from an older checkpoint: keep, never overwrite
-        aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")
-        log.warning("checkpoint %s already exists; moved to %s", final, aside.name)
-        final.rename(aside)
-    tmp.rename(final)
-    _point_latest(root, final.name)
+    placed = aside = None
+    try:
+        tmp.mkdir()
+        _write_files(tmp, trainer, config_yaml)
+        _fsync_tree(tmp)
+        if final.exists():                      # e.g. resumed from an older checkpoint: keep, never overwrite
+            aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")
+            log.warning("checkpoint %s already exists; moved to %s", final, aside.name)
+            final.rename(aside)
+        tmp.rename(final)
+        placed = final
+        _point_latest(root, final.name)
+    except BaseException:                       # OSError, or a second Ctrl-C in the middle of the write
+        _undo(placed or tmp, aside, final, root / ".latest.tmp")
+        raise
     return final
+
+
+def _undo(created: Path, aside: Path | None, final: Path, link: Path) -> None:
+    """Remove what a failed save created and put back what it moved aside; each part best effort."""
+    shutil.rmtree(created, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        if aside is not None:
+            aside.rename(final)
+    with contextlib.suppress(OSError):
+        link.unlink(missing_ok=True)
 
 
 def _point_latest(root: Path, name: str) -> None:

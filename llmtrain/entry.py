@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from llmtrain.checkpoint import load_checkpoint
 from llmtrain.pretrained import build, load_weights, source_model_node, stage_record
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
+from llmtrain.trainer import NonFiniteError
 
 log = logging.getLogger(__name__)
 register_resolvers()          # conf/hydra/default.yaml needs them before @hydra.main composes
@@ -159,13 +160,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with graceful_stop(trainer):
             metrics = trainer.fit()
     except BaseException as error:
-        record.finish("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", None,
-                      time.perf_counter() - start)
+        record.finish(run_status(error), None, time.perf_counter() - start)
         raise
     record.finish("completed", metrics, time.perf_counter() - start)
     log_summary(metrics, output_dir)
     return metrics, {"model": model, "trainer": trainer, "callbacks": callbacks, "data": data,
                      "strategy": strategy, "hardware": hardware, "cfg": cfg}
+
+
+def run_status(error: BaseException) -> str:
+    """run.json's status for a run that ended with `error`: a stop (checkpointed) or a failure."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"                       # SIGTERM / Ctrl-C (StopRequested) included
+    return "stopped_nonfinite" if isinstance(error, NonFiniteError) else "failed"
 
 
 @contextlib.contextmanager

@@ -10,12 +10,18 @@ micro-batch's loss; the logged `loss` includes them and `aux_loss` reports their
 on_train_begin, on_epoch_begin, on_step_begin, on_batch_begin, on_batch_end,
 on_before_optimizer_step, on_step_end, on_epoch_end, on_train_end (or on_exception, when the loop
 raises, Ctrl-C included).
+
+A window whose loss or gradient norm is not finite (NaN/inf) is never trained on: its update is
+skipped (`nonfinite="skip"`, counted in `nonfinite_steps`) or the run stops after it with a
+checkpoint (`nonfinite="stop"`, NonFiniteError); see `Trainer._update`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -29,6 +35,9 @@ from llmtrain.hardware import Hardware
 from llmtrain.models.moe import collect_aux_loss
 from llmtrain.strategies.base import Strategy
 
+log = logging.getLogger(__name__)
+NONFINITE_POLICIES = ("skip", "stop")
+
 
 class StopRequested(KeyboardInterrupt):
     """Raised between two steps after `Trainer.request_stop` (SIGTERM, or a first Ctrl-C).
@@ -40,6 +49,33 @@ class StopRequested(KeyboardInterrupt):
     def __init__(self, reason: str, step: int) -> None:
         super().__init__(f"{reason}: stopped after step {step}")
         self.reason, self.step = reason, step
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after a step whose loss or gradients were not finite, when the policy says stop.
+
+    The bad update was not applied and the step counts as skipped, so the state is consistent (as
+    with StopRequested) and the checkpoint callback saves it, setting `checkpoint`: the weights
+    there are those from before the non-finite step(s), and `resume=` goes on with the next window.
+    """
+
+    def __init__(self, step: int, what: str, streak: int, limit: int | None) -> None:
+        super().__init__(step, what, streak, limit)
+        self.step, self.what, self.streak, self.limit = step, what, streak, limit   # limit: None = policy stop
+        self.checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        if self.limit is None:
+            why = f"non-finite {self.what}; its update was skipped and the run stopped (trainer.nonfinite=stop)"
+        else:
+            why = (f"{self.streak} steps in a row with a non-finite loss or gradients (last: {self.what}; "
+                   f"trainer.max_nonfinite_steps={self.limit}): the run has diverged")
+        saved = (f"checkpoint {self.checkpoint} holds the weights from before the non-finite step(s)"
+                 if self.checkpoint else "no checkpoint of this step was saved (see the log)")
+        where = self.checkpoint or "<run directory>"
+        return (f"step {self.step}: {why}; {saved}. To go on past it: resume={where} trainer.nonfinite=skip. "
+                "To retry with a lower learning rate, start a new run (a resumed run keeps its checkpoint's "
+                f"learning rate), e.g. model.init_from={where} optimizer.lr=<lower>.")
 
 
 def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
@@ -70,16 +106,25 @@ class Trainer:
         eval_every: steps between held-out evaluations; the last step is always evaluated.
         eval_batches: held-out batches per evaluation (None: all).
         config_yaml: the resolved run config, stored in checkpoints for provenance.
+        nonfinite: what a window with a NaN/inf loss or gradient norm does: "skip" its update (counted
+            in the `nonfinite_steps` metric) or "stop" the run after it (NonFiniteError).
+        max_nonfinite_steps: skipped steps in a row after which "skip" stops anyway: a run that only
+            produces NaNs has diverged, and skipping forever would only burn the compute budget.
     """
 
     def __init__(self, model: nn.Module, strategy: Strategy, data: Any, optimizer: torch.optim.Optimizer,
                  scheduler: Callable[..., LRScheduler], hardware: Hardware, callbacks: Sequence[Callback] = (),
                  max_steps: int | None = None, epochs: int | None = None, accumulation_steps: int = 1,
-                 eval_every: int | None = None, eval_batches: int | None = None, config_yaml: str = "") -> None:
+                 eval_every: int | None = None, eval_batches: int | None = None, config_yaml: str = "",
+                 nonfinite: str = "skip", max_nonfinite_steps: int = 10) -> None:
         if accumulation_steps < 1:
             raise ValueError(f"trainer.accumulation_steps={accumulation_steps} must be >= 1")
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"trainer.eval_every={eval_every} must be >= 1 or null")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"trainer.nonfinite={nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
         self.model, self.strategy, self.data = model, strategy, data
         self.optimizer, self.hardware, self.callbacks = optimizer, hardware, list(callbacks)
         self.accumulation_steps = accumulation_steps
@@ -92,6 +137,9 @@ class Trainer:
         self.grad_norm: Tensor | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stop_reason: str | None = None             # set by request_stop; checked between steps
+        self.nonfinite, self.max_nonfinite_steps = nonfinite, max_nonfinite_steps
+        self.nonfinite_steps = self.nonfinite_streak = 0   # skipped updates: in all, and in a row up to now
+        self.nonfinite_what: str | None = None          # what was not finite in the last step, else None
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, then raise StopRequested (safe to call from a signal handler)."""
@@ -127,6 +175,7 @@ class Trainer:
             if self.done or (self.eval_every and self.step % self.eval_every == 0):
                 metrics.update(self.evaluate())
             self._emit("on_step_end", metrics)
+            self._check_nonfinite()
             if self.done:
                 return metrics
             if self.stop_reason is not None:
@@ -154,18 +203,58 @@ class Trainer:
             self.iteration += 1
             self._emit("on_batch_end")
         self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self._emit("on_before_optimizer_step")
+        norm = self.grad_norm.detach().float().to(totals["loss"].device)
+        values = dict(zip([*totals, "grad_norm"], torch.stack([*totals.values(), norm]).tolist()))  # one sync
+        grad_norm = values.pop("grad_norm")
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        updated = self._update(values["loss"], grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if updated:
+            self.scheduler.step()
+        else:                                  # the schedule follows the step counter, skipped steps included
+            _step_quietly(self.scheduler)
         self.step += 1
-        values = dict(zip(totals, torch.stack(list(totals.values())).tolist()))   # one device sync
         aux = {"aux_loss": values.pop("aux_loss")} if "aux_loss" in values else {}   # not the strategy's
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration, "lr": lr,
-                **self.strategy.summarize(values), **aux, "grad_norm": float(self.grad_norm),
-                "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - self._clock_zero}
+                **self.strategy.summarize(values), **aux, "grad_norm": grad_norm,
+                "nonfinite_steps": self.nonfinite_steps, "tokens_per_s": tokens / seconds,
+                "elapsed_s": time.perf_counter() - self._clock_zero}
+
+    def _update(self, loss: float, grad_norm: float) -> bool:
+        """`optimizer.step()` and True, unless the window's loss or gradient norm is NaN/inf.
+
+        Checked after the whole window's backward and before on_before_optimizer_step, so gradient
+        clipping never sees a NaN (it would spread it to every weight). A bad window's update is
+        skipped: the gradients are zeroed and the weights and optimizer moments stay as they were,
+        but the step still counts, so the step counter, the scheduler and the data position advance
+        as for any step: lr(step) and the data order stay those of a clean run, the run still ends
+        at `total_steps`, and the window that produced the NaN is not replayed. The two values come
+        from the one device sync per step that the metrics need anyway (now before the update).
+        """
+        bad = [name for name, value in (("loss", loss), ("gradients", grad_norm)) if not math.isfinite(value)]
+        self.nonfinite_what = " and ".join(bad) or None
+        if self.nonfinite_what is None:
+            self.nonfinite_streak = 0
+            self._emit("on_before_optimizer_step")
+            self.optimizer.step()
+            return True
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        log.warning("step %d: non-finite %s (loss %s, grad_norm %s): update skipped, weights unchanged "
+                    "(%d skipped in all, %d in a row; trainer.nonfinite=%s)", self.step + 1, self.nonfinite_what,
+                    loss, grad_norm, self.nonfinite_steps, self.nonfinite_streak, self.nonfinite)
+        return False
+
+    def _check_nonfinite(self) -> None:
+        """After on_step_end (so the step's metrics row and periodic checkpoint exist): stop if the
+        policy says so, or if `max_nonfinite_steps` steps in a row were skipped."""
+        if self.nonfinite_what is None:
+            return
+        if self.nonfinite == "stop":
+            raise NonFiniteError(self.step, self.nonfinite_what, self.nonfinite_streak, None)
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise NonFiniteError(self.step, self.nonfinite_what, self.nonfinite_streak, self.max_nonfinite_steps)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -185,15 +274,26 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration,
-                "elapsed_s": time.perf_counter() - self._clock_zero}
+                "elapsed_s": time.perf_counter() - self._clock_zero,
+                "nonfinite_steps": self.nonfinite_steps, "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.iteration = state["step"], state["epoch"], state["iteration"]
         self.elapsed_s = state["elapsed_s"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)          # absent in older checkpoints
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+
+def _step_quietly(scheduler: LRScheduler) -> None:
+    """`scheduler.step()` without torch's warning that it came before any `optimizer.step()`: after a
+    skipped first update that order is intended (the schedule follows the step counter)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def _accumulate(totals: dict[str, Tensor], values: dict[str, Tensor]) -> None:

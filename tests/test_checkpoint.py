@@ -1,8 +1,11 @@
-"""Checkpoints: exact round trip, atomic writes, keep_last, nothing overwritten."""
+"""Checkpoints: exact round trip, atomic writes, keep_last, nothing overwritten, a full disk survived."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -11,8 +14,11 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import llmtrain.checkpoint as ckpt
+from llmtrain.callbacks.base import Callback
+from llmtrain.callbacks.checkpoint import Checkpoint
 from llmtrain.checkpoint import load_checkpoint, prune, save_checkpoint
 from tests.conftest import REPO
 from tests.test_trainer import make_trainer
@@ -119,3 +125,116 @@ def test_identical_weights_give_identical_files_in_separate_processes(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, cwd=REPO)
         files.append((tmp_path / str(i) / "step_000000" / "model.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+ENOSPC = "No space left on device"
+# Each fake fails the way the real writer did on a full tmpfs (safetensors 0.8, torch 2.13).
+
+
+def fail_safetensors(monkeypatch):
+    def save_file(tensors, filename, metadata=None):           # safetensors (Rust): only its message says so
+        pathlib.Path(filename).write_bytes(b"partial")
+        raise SafetensorError(f"Error while serializing: I/O error: {ENOSPC} (os error 28)")
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+
+
+def fail_torch_save(monkeypatch):
+    def save(obj, handle):                                     # torch.save: a RuntimeError over the OSError
+        handle.write(b"PK partial")
+        try:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(ckpt.torch, "save", save)
+
+
+def fail_meta_json(monkeypatch):
+    write_text = pathlib.Path.write_text
+
+    def partial(self, data, *args, **kwargs):
+        if self.name != "meta.json":
+            return write_text(self, data, *args, **kwargs)
+        write_text(self, data[:10])
+        raise OSError(errno.ENOSPC, ENOSPC)
+    monkeypatch.setattr(pathlib.Path, "write_text", partial)
+
+
+def fail_os(target, name: str):
+    def patch(monkeypatch):
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, ENOSPC)
+        monkeypatch.setattr(target, name, fail)
+    return patch
+
+
+FAILURES = {"model.safetensors": fail_safetensors, "resume.pt": fail_torch_save, "meta.json": fail_meta_json,
+            "fsync": fail_os(ckpt.os, "fsync"), "rename": fail_os(pathlib.Path, "rename"),
+            "symlink": fail_os(pathlib.Path, "symlink_to")}
+
+
+@pytest.mark.parametrize("point", FAILURES)
+def test_a_full_disk_at_any_point_leaves_the_previous_checkpoint_intact(point, tmp_path, monkeypatch):
+    trainer = trained(1)
+    first = save_checkpoint(tmp_path, trainer, "seed: 0\n")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    trainer.step = 2
+    FAILURES[point](monkeypatch)
+    with pytest.raises(OSError, match=ENOSPC) as error:
+        save_checkpoint(tmp_path, trainer, "seed: 0\n")
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]     # no debris, no step 2
+    assert (tmp_path / "latest").resolve() == first.resolve()
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_a_full_disk_while_replacing_a_step_folder_puts_the_old_one_back(tmp_path, monkeypatch):
+    trainer = trained(1)
+    save_checkpoint(tmp_path, trainer, "first")
+    fail_os(pathlib.Path, "symlink_to")(monkeypatch)            # after the new folder took the old one's place
+    with pytest.raises(OSError, match=ENOSPC):
+        save_checkpoint(tmp_path, trainer, "second")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert (tmp_path / "latest" / "config.yaml").read_text() == "first"
+
+
+class ListDir(Callback):
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root, self.seen = root, []
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self.seen.append(sorted(os.listdir(self.root)))
+
+
+def test_a_failed_periodic_save_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    calls, real_save_file = itertools.count(1), ckpt.save_file
+
+    def save_file(*args, **kwargs):                            # the disk is full for the second checkpoint only
+        if next(calls) == 2:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        real_save_file(*args, **kwargs)
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    root = tmp_path / "checkpoints"
+    listing = ListDir(root)
+    trainer = make_trainer(1, 1, [Checkpoint(str(root), every_steps=1, keep_last=1), listing])
+    trainer.total_steps = 3
+    trainer.fit()
+    assert listing.seen[1] == ["latest", "step_000001"]          # after the failure: step 1 kept, nothing else
+    assert (root / "latest").resolve().name == "step_000003" and trainer.step == 3
+    assert (f"checkpoint of step 2 was NOT saved: [Errno 28] {ENOSPC}: '{root}/.tmp_step_000002/model.safetensors'. "
+            f"{root}/latest still points at step_000001 (intact): resume={tmp_path} would continue from step 1; "
+            "training goes on and tries again at step 3.") in caplog.text
+
+
+@pytest.mark.parametrize("every_steps", [1, 100])           # the final save in on_step_end, or in on_train_end
+def test_a_failed_final_save_fails_the_run(every_steps, tmp_path, monkeypatch, caplog):
+    root = tmp_path / "checkpoints"
+    trainer = make_trainer(1, 1, [Checkpoint(str(root), every_steps=every_steps)])
+    trainer.total_steps = 2
+    fail_meta_json(monkeypatch)
+    with pytest.raises(OSError, match=ENOSPC):
+        trainer.fit()
+    final = caplog.records[-1].getMessage()
+    assert final.startswith("checkpoint of step 2 was NOT saved") and "no earlier checkpoint" in final
+    assert final.endswith("this was the run's final save, so the run fails.") and trainer.step == 2

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import pytest
 import torch
 
 from llmtrain.callbacks.base import Callback
+from llmtrain.callbacks.checkpoint import Checkpoint
+from llmtrain.callbacks.grad_clip import GradClip
+from llmtrain.callbacks.history import History
+from llmtrain.callbacks.metrics import JsonlMetrics
+from llmtrain.checkpoint import load_checkpoint
 from llmtrain.hardware import Hardware
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
@@ -17,7 +23,8 @@ from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
 from llmtrain.strategies.seq import NextToken
-from llmtrain.trainer import StopRequested, Trainer, plan_steps
+from llmtrain.trainer import NonFiniteError, StopRequested, Trainer, plan_steps
+from tests.faults import NaNAt
 from tests.reference import naive_balance
 
 
@@ -57,14 +64,14 @@ def uneven_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def make_trainer(batch_size: int, accumulation_steps: int, callbacks=(), ffn=SwiGLU) -> Trainer:
+def make_trainer(batch_size: int, accumulation_steps: int, callbacks=(), ffn=SwiGLU, **options) -> Trainer:
     torch.manual_seed(0)
     model = Transformer(vocab_size=50, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
                         n_kv_heads=2), ffn=functools.partial(ffn))
     return Trainer(model=model, strategy=NextToken(), data=RowData(*uneven_rows(), batch_size),
                    optimizer=adamw(model.named_parameters(), lr=1e-3), scheduler=constant,
                    hardware=Hardware(device="cpu", precision="fp32"), callbacks=list(callbacks),
-                   max_steps=1, accumulation_steps=accumulation_steps)
+                   max_steps=1, accumulation_steps=accumulation_steps, **options)
 
 
 def test_accumulated_window_has_the_gradients_of_one_big_batch():
@@ -176,3 +183,80 @@ def test_a_requested_stop_finishes_the_step_then_raises():
     with pytest.raises(StopRequested, match="SIGTERM: stopped after step 2") as stop:
         trainer.fit()
     assert stop.value.step == trainer.step == 2 and trainer.iteration == 2
+
+
+class WeightLog(Callback):
+    """The weights after each step (index 0: before the first)."""
+
+    def on_train_begin(self, trainer) -> None:
+        self.at = [[p.detach().clone() for p in trainer.params]]
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self.at.append([p.detach().clone() for p in trainer.params])
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_nan_loss_skips_its_update_is_counted_and_training_goes_on(tmp_path, caplog):
+    weights, history = WeightLog(), History()
+    metrics_file = JsonlMetrics(str(tmp_path / "metrics.jsonl"))
+    trainer = make_trainer(1, 1, [NaNAt([2]), weights, history, metrics_file])
+    trainer.total_steps = 4
+    trainer.fit()
+    assert same(weights.at[1], weights.at[2])                     # step 2 changed nothing (AdamW decays even
+    assert not same(weights.at[2], weights.at[3])                 # on a zero gradient), later steps update
+    assert trainer.optimizer.state[trainer.params[0]]["step"] == 3 and trainer.scheduler.last_epoch == 4
+    assert [row["nonfinite_steps"] for row in history.rows] == [0, 1, 1, 1] and trainer.step == 4
+    assert math.isnan(history.rows[1]["loss"]) and "step 2: non-finite loss and gradients" in caplog.text
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] is None and rows[2]["loss"] > 0        # NaN is written as null
+
+
+def test_an_inf_gradient_is_skipped_before_gradient_clipping_sees_it(caplog):
+    weights = WeightLog()
+    trainer = make_trainer(1, 1, [NaNAt([1], part="gradients"), GradClip(1.0), weights])
+    trainer.total_steps = 2
+    trainer.fit()
+    assert same(weights.at[0], weights.at[1]) and all(p.isfinite().all() for p in trainer.params)
+    assert "step 1: non-finite gradients (loss " in caplog.text and trainer.nonfinite_steps == 1
+
+
+def test_stop_policy_checkpoints_the_weights_from_before_the_nan_and_raises(tmp_path):
+    weights = WeightLog()
+    checkpoints = Checkpoint(str(tmp_path / "checkpoints"), every_steps=100)
+    trainer = make_trainer(1, 1, [NaNAt([3]), weights, checkpoints], nonfinite="stop")
+    trainer.total_steps = 4
+    with pytest.raises(NonFiniteError, match="step 3: non-finite loss and gradients") as stop:
+        trainer.fit()
+    path = tmp_path / "checkpoints" / "step_000003"
+    assert stop.value.checkpoint == str(path) and f"resume={path} trainer.nonfinite=skip" in str(stop.value)
+    resumed = make_trainer(1, 1)
+    load_checkpoint(path, resumed)
+    assert same(resumed.params, weights.at[2])                    # the step-3 checkpoint holds step 2's weights
+    assert resumed.step == resumed.iteration == 3 and resumed.nonfinite_steps == 1   # the next window is 4
+
+
+def test_max_nonfinite_steps_in_a_row_stop_a_skipping_run():
+    spaced = make_trainer(1, 1, [NaNAt([1, 3])], max_nonfinite_steps=2)
+    spaced.total_steps = 4
+    spaced.fit()
+    assert spaced.nonfinite_steps == 2 and spaced.step == 4
+    in_a_row = make_trainer(1, 1, [NaNAt([2, 3])], max_nonfinite_steps=2)
+    in_a_row.total_steps = 4
+    with pytest.raises(NonFiniteError, match=r"step 3: 2 steps in a row .* trainer.max_nonfinite_steps=2"):
+        in_a_row.fit()
+    assert in_a_row.step == 3 and in_a_row.nonfinite_steps == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"nonfinite": "ignore"}, "trainer.nonfinite='ignore' must be one of skip, stop"),
+    ({"max_nonfinite_steps": 0}, "trainer.max_nonfinite_steps=0 must be >= 1"),
+])
+def test_bad_nonfinite_options_fail_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(1, 1, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from llmtrain.callbacks.base import Callback
@@ -12,7 +13,9 @@ class JsonlMetrics(Callback):
     """Append each step's metrics to `path`, flushed at once so a crash loses nothing.
 
     On resume, rows after the checkpoint's step are dropped first: the resumed run writes them
-    again, so the file reads as one uninterrupted run.
+    again, so the file reads as one uninterrupted run. A NaN/inf value (the loss of a skipped
+    non-finite step) is written as null: json.dumps would write NaN, which Python reads back but
+    strict JSON readers (jq, JavaScript's JSON.parse) reject.
     """
 
     def __init__(self, path: str, every: int = 1) -> None:
@@ -30,7 +33,8 @@ class JsonlMetrics(Callback):
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         if trainer.step % self.every == 0 or any(k.startswith("eval/") for k in metrics):
-            self.file.write(json.dumps(metrics) + "\n")
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+            self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
     def on_train_end(self, trainer) -> None:

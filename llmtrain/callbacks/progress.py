@@ -1,4 +1,5 @@
-"""A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy)."""
+"""A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy, and the
+number of updates skipped for a non-finite loss, once there is one)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class RichProgress(Callback):
             if "eval/accuracy" in metrics:
                 self.eval_text += f" acc {metrics['eval/accuracy']:.1%}"
         preference = f"pref {metrics['rewards/accuracies']:.0%} " if "rewards/accuracies" in metrics else ""
+        skipped = f" [red]{n} non-finite skipped[/]" if (n := metrics.get("nonfinite_steps")) else ""
         text = (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
-                f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}")
+                f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}{skipped}")
         self.progress.update(self.task, completed=trainer.step, text=text)
 
     def on_train_end(self, trainer) -> None:

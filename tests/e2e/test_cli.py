@@ -60,11 +60,22 @@ def test_overrides_need_no_code_change(override, tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"
 
 
-def test_resume_is_bit_exact(tmp_path):
+RESUME_RUN = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=10", "callbacks.checkpoint.every_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted 40-step run that every interrupted-and-resumed run must equal."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = run_cli(*RESUME_RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_resume_is_bit_exact(straight, tmp_path):
     """40 steps straight == 40 steps interrupted (Ctrl-C) at step 25, then `resume=` from step 20."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=10", "callbacks.checkpoint.every_steps=20"]
-    assert run_cli(*common, f"hydra.run.dir={straight}").returncode == 0
+    split = tmp_path / "split"
+    common = RESUME_RUN
     interrupted = run_cli(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:25}",
                           f"hydra.run.dir={split}")
     assert interrupted.returncode != 0
@@ -83,11 +94,10 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_a_signal_checkpoints_the_current_step_and_resume_is_exact(signal_name, tmp_path):
+def test_a_signal_checkpoints_the_current_step_and_resume_is_exact(signal_name, straight, tmp_path):
     """SIGTERM (or one Ctrl-C) at step 25: a step-25 checkpoint, status interrupted; resume ends bit-exact."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*SMOKE, "trainer.max_steps=40", "trainer.eval_every=10", "callbacks.checkpoint.every_steps=20"]
-    assert run_cli(*common, f"hydra.run.dir={straight}").returncode == 0
+    split = tmp_path / "split"
+    common = RESUME_RUN
     stopped = run_cli(*common, f"+callbacks.stop={{_target_:tests.e2e.interrupt.SignalAt,step:25,"
                                f"signal_name:{signal_name}}}", f"hydra.run.dir={split}")
     assert stopped.returncode == 128 + getattr(signal, signal_name)          # the shell convention: 143, 130
@@ -129,3 +139,15 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
     longer = run_cli(f"resume={tmp_path}", "trainer.max_steps=12")
     assert longer.returncode == 0, longer.stderr
     assert rows(tmp_path)[-1]["step"] == 12
+
+
+def test_a_nan_stops_the_run_with_a_checkpoint_when_configured(tmp_path):
+    result = run_cli(*SMOKE, "trainer.nonfinite=stop", "+callbacks.nan={_target_:tests.faults.NaNAt,steps:[3]}",
+                     f"hydra.run.dir={tmp_path}")
+    checkpoint = tmp_path / "checkpoints" / "step_000003"
+    assert result.returncode == 1
+    assert "step 3: non-finite loss and gradients" in result.stderr and "Traceback" not in result.stderr
+    assert f"resume={checkpoint} trainer.nonfinite=skip" in result.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "stopped_nonfinite"
+    assert (tmp_path / "checkpoints/latest").resolve() == checkpoint
+    assert rows(tmp_path)[-1]["step"] == 3 and rows(tmp_path)[-1]["loss"] is None
