@@ -4,6 +4,8 @@
     llmtrain export hf <checkpoint> <dir>             write a Hugging Face model folder (llmtrain.hf.export)
     llmtrain tokenizer train <files> --vocab-size N --out <dir>   train a BPE tokenizer (llmtrain.tokenizer_cli)
     llmtrain tokenize <files> --out <dir>             tokenize text once into token shards (llmtrain.tokenize_cli)
+    llmtrain reproduce <run dir> [key=value ...]      re-run from the snapshot, compare metrics (llmtrain.reproduce)
+    llmtrain summarize <sweep dir>                    rebuild a sweep's summary files (llmtrain.sweep)
 
 Each subcommand owns its argument parser; this module only dispatches on the first word, so a
 subcommand's imports (torch, transformers-free HF writers) load only when it runs.
@@ -21,6 +23,8 @@ COMMANDS = {
     "export": ("llmtrain.hf.export", "export a checkpoint to another format (`export hf <checkpoint> <dir>`)"),
     "tokenizer": ("llmtrain.tokenizer_cli", "train a byte-level BPE tokenizer (`tokenizer train <files> ...`)"),
     "tokenize": ("llmtrain.tokenize_cli", "tokenize text files once into memory-mapped token shards (data=shards)"),
+    "reproduce": ("llmtrain.reproduce", "re-run a finished run from its snapshot and check the metrics match"),
+    "summarize": ("llmtrain.sweep", "rebuild a sweep directory's summary.csv/.md/.png (`summarize <sweep dir>`)"),
 }
 
 

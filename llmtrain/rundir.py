@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "rich", "wandb", "numpy", "llmtrain")
@@ -50,11 +51,12 @@ def _run_dir_resolver(resume: str | None, default: str) -> str:
     return claim_new_dir(Path(default)) if resume is None else str(run_dir_of(find_checkpoint(resume)))
 
 
-def claim_new_dir(path: Path) -> str:
+def claim_new_dir(path: str | os.PathLike) -> str:
     """`path`, else `path_2`, `path_3`, ...: the first that does not exist yet, created here.
 
     mkdir is atomic, so two runs started in the same second get two directories, never one.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count(1):
         candidate = path if n == 1 else path.with_name(f"{path.name}_{n}")
@@ -75,6 +77,7 @@ def _snapshot_dir_resolver(resume: str | None) -> str:
 def register_resolvers() -> None:
     """Resolvers used by conf/hydra/default.yaml; must run before @hydra.main composes."""
     OmegaConf.register_new_resolver("llmtrain.run_dir", _run_dir_resolver, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("llmtrain.new_dir", claim_new_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True,
                                     use_cache=True)
 
@@ -124,7 +127,9 @@ class RunRecord:
         else:
             self.data = {
                 "command": sys.argv, "cwd": os.getcwd(), "git": git_state(Path(__file__).parent),
-                "versions": package_versions(), "seed": seed, "device": device, "start_time": now(),
+                "versions": package_versions(), "seed": seed, "device": device,
+                "threads": torch.get_num_threads(),     # CPU results depend on it (llmtrain reproduce sets it)
+                "start_time": now(),
                 "init_from": init_from,
             }
         self.data.update(status="running", end_time=None)

@@ -20,7 +20,8 @@ BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 SEQUENCE = next(block for block in BLOCKS if "llmtrain export" in block)   # commands that build on each other
 PIPELINE = next(block for block in BLOCKS if "experiment=pipeline_sft" in block)
 TOKENIZERS = next(block for block in BLOCKS if "llmtrain tokenizer train" in block)
-COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block not in (SEQUENCE, PIPELINE, TOKENIZERS)
+SWEEPS = next(block for block in BLOCKS if "llmtrain summarize" in block)
+COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block not in (SEQUENCE, PIPELINE, TOKENIZERS, SWEEPS)
             for line in block.splitlines() if line.startswith("python run.py")]
 CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
                        {"role": "assistant", "content": str(i + 1)}]} for i in range(40)]
@@ -59,7 +60,8 @@ def test_readme_run_command(command, tmp_path):
                        cwd=tmp_path).returncode == 0
         args.append("trainer.max_steps=10")
     else:
-        args = ["debug=smoke", *args]
+        flags = [a for a in args if a.startswith("-")]                 # -m: argparse wants flags first
+        args = [*flags, "debug=smoke", *[a for a in args if a not in flags]]
     if any(a.startswith("data.paths=") for a in args):
         write_user_files(tmp_path)
     result = run_cli(*args, cwd=tmp_path)
@@ -67,15 +69,18 @@ def test_readme_run_command(command, tmp_path):
     assert "run directory" in result.stdout + result.stderr
 
 
-def run_readme_line(line: str, cwd) -> None:
+def run_readme_line(line: str, cwd, *extra: str) -> subprocess.CompletedProcess:
     """One line of a README block: an `llmtrain` command as typed, or a run shortened by debug=smoke."""
     args = shlex.split(line)
     if args[0] == "llmtrain":
-        result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:]], cwd=cwd,
+        result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args[1:], *extra], cwd=cwd,
                                 capture_output=True, text=True, timeout=600)
     else:
-        result = run_cli("debug=smoke", "hardware=cpu", *args[2:], cwd=cwd)
+        flags = [a for a in args[2:] if a.startswith("-")]          # -m: argparse wants flags first
+        result = run_cli(*flags, "debug=smoke", "hardware=cpu", *[a for a in args[2:] if a not in flags], *extra,
+                         cwd=cwd)
     assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    return result
 
 
 def test_readme_variant_block_runs_in_order(tmp_path):
@@ -119,6 +124,26 @@ def test_readme_pipeline_block_runs_in_order(tmp_path):
     assert lineage["strategy"] == "llmtrain.strategies.sft.SFT" and lineage["step"] == 8
     assert lineage["checkpoint"].startswith(str(sft.resolve()))
     assert lineage["init_from"]["strategy"] == "llmtrain.strategies.seq.NextToken"
+
+
+def test_readme_sweep_block_runs_in_order(tmp_path):
+    """an lr sweep, its summary rebuilt, the parallel launcher, the optuna search, a reproduction."""
+    lines = [line.split("  #")[0].strip() for line in SWEEPS.splitlines() if line.strip()]
+    assert len(lines) == 5
+    for line in lines:
+        extra = ["hydra.sweeper.n_trials=2"] if "optuna" in line else []    # 8 trials in the recipe
+        result = run_readme_line(line, tmp_path, *extra)
+        if line.startswith("llmtrain reproduce"):
+            assert "MATCH" in result.stdout + result.stderr
+    sweep = tmp_path / "multirun" / "lr"
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("| COMPLETED |") == 3 and "optimizer.lr=0.0003" in summary
+    assert json.loads((tmp_path / "multirun/lr/0.reproduce/reproduce.json").read_text())["match"] is True
+    others = sorted(p.parent for p in (tmp_path / "multirun").rglob("summary.md") if p.parent != sweep)
+    assert len(others) == 2                                  # the parallel sweep and the optuna search
+    assert sum((d / "optimization_results.yaml").is_file() for d in others) == 1
+    for sweep_dir in others:
+        assert "**FAILED**" not in (sweep_dir / "summary.md").read_text()
 
 
 def test_readme_benchmark_command_runs():
