@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,10 @@ import llmtrain.entry  # noqa: F401  registers the resolvers conf/hydra needs
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One built-in data cache (llmtrain.data.cache) for the session, inherited by the CLI subprocesses:
+# the suite's runs generate the default data once, and the user's own cache is neither read nor filled.
+os.environ["LLMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="llmtrain-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LLMTRAIN_CACHE"], ignore_errors=True)
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

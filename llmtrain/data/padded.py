@@ -44,10 +44,27 @@ class PaddedBatches:
                 flat_ids.extend(ids)
                 flat_labels.extend(labels)
         lengths = [len(ids) for unit in units for ids, _ in unit]
-        self.lengths_NK = torch.tensor(lengths, dtype=torch.long).view(len(units), self.k)
-        self.starts_NK = (self.lengths_NK.flatten().cumsum(0) - self.lengths_NK.flatten()).view_as(self.lengths_NK)
-        self.ids = torch.frombuffer(flat_ids, dtype=torch.int64).to(torch.int32)
-        self.is_target = torch.frombuffer(flat_labels, dtype=torch.int64) != IGNORE_INDEX
+        self._store(torch.frombuffer(flat_ids, dtype=torch.int64).to(torch.int32),
+                    torch.frombuffer(flat_labels, dtype=torch.int64) != IGNORE_INDEX,
+                    torch.tensor(lengths, dtype=torch.long).view(len(units), self.k), batch_size, seed, pad_id)
+
+    @classmethod
+    def from_tensors(cls, ids: Tensor, is_target: Tensor, lengths_NK: Tensor, batch_size: int, seed: int,
+                     pad_id: int) -> PaddedBatches:
+        """The batches of units already flattened into `ids`/`is_target` (e.g. read back from the data
+        cache), with `lengths_NK` tokens per sequence: no Python int per token is built again."""
+        if int(lengths_NK.sum()) != len(ids) or len(is_target) != len(ids):
+            raise ValueError(f"{int(lengths_NK.sum())} tokens by the lengths, {len(ids)} ids and "
+                             f"{len(is_target)} target flags")
+        batches = cls.__new__(cls)
+        batches.k = lengths_NK.shape[1]
+        batches._store(ids, is_target, lengths_NK, batch_size, seed, pad_id)
+        return batches
+
+    def _store(self, ids: Tensor, is_target: Tensor, lengths_NK: Tensor, batch_size: int, seed: int,
+               pad_id: int) -> None:
+        self.ids, self.is_target, self.lengths_NK = ids, is_target, lengths_NK
+        self.starts_NK = (lengths_NK.flatten().cumsum(0) - lengths_NK.flatten()).view_as(lengths_NK)
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.columns: dict[str, Tensor] = {}
 
