@@ -1,11 +1,12 @@
-"""Chat (SFT) and preference (DPO/IPO) data from the user's .jsonl / .parquet files.
+"""Chat (SFT), preference (DPO/IPO) and prompt (GRPO) data from the user's .jsonl / .parquet files.
 
 The strategy's batch format decides how rows are read (llmtrain.data.formats lists the shapes).
 The first row is checked before anything is tokenized, so `strategy=dpo` on a chat file fails at
 once with a message naming the file, the row's shape and what the strategy needs. Conversations go
 through the chat template (llmtrain.data.chat) and are truncated to `seq_len` tokens; an example
 whose response is cut away entirely is dropped with a warning (it would teach nothing, and a DPO pair
-with an empty side has no log-prob to compare).
+with an empty side has no log-prob to compare). A GRPO prompt is never cut (that would drop its
+assistant marker): one with `seq_len` tokens or more is dropped the same way.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 from torch import Tensor
 
 from llmtrain.data.chat import IGNORE_INDEX, make_template
-from llmtrain.data.formats import CHAT_SHAPES, PREFERENCE_SHAPES, chat_messages, preference_messages, row_format
+from llmtrain.data.formats import (CHAT_SHAPES, PREFERENCE_SHAPES, PROMPT_SHAPES, chat_messages, has_format,
+                                   preference_messages, prompt_messages, row_format)
 from llmtrain.data.padded import PaddedBatches
 from llmtrain.data.records import RECORD_SUFFIXES, read_records
 
 log = logging.getLogger(__name__)
-NEEDS = {"chat": CHAT_SHAPES, "preference": PREFERENCE_SHAPES}
+NEEDS = {"chat": CHAT_SHAPES, "preference": PREFERENCE_SHAPES, "prompts": PROMPT_SHAPES}
 
 
 class RecordFiles:
@@ -38,7 +40,7 @@ class RecordFiles:
         chat_template: Jinja source (None: the tokenizer's own, else the special-token default).
     """
 
-    formats = ("chat", "preference")
+    formats = ("chat", "preference", "prompts")
 
     def __init__(self, paths: Sequence[str], tokenizer: Any, eval_paths: Sequence[str] = (), seq_len: int = 1024,
                  batch_size: int = 8, eval_batch_size: int = 32, eval_fraction: float = 0.05, seed: int = 0,
@@ -77,7 +79,7 @@ class RecordFiles:
     def _check_first_row(self, path: Path) -> None:
         for where, row in read_records(path):
             found = row_format(row)
-            if found != self.format:
+            if not has_format(row, self.format):
                 raise ValueError(f"{where}: the strategy consumes '{self.format}' rows ({NEEDS[self.format]}), but "
                                  f"this row is {'a ' + found if found else 'of no known'} shape (keys {sorted(row)})")
             return
@@ -89,11 +91,14 @@ class RecordFiles:
             for where, row in read_records(path):
                 if self.format == "chat":
                     unit = [self._cut(self.template.encode(chat_messages(where, row)))]
+                elif self.format == "prompts":
+                    unit = self._prompt_unit(where, row)
                 else:
                     prompt, chosen, rejected = preference_messages(where, row)
                     unit = [self._cut(self.template.encode(prompt + answer, first_target=len(prompt)))
                             for answer in (chosen, rejected)]
-                if any(all(t == IGNORE_INDEX for t in labels[1:]) for _, labels in unit):
+                if unit is None or (self.format != "prompts"      # prompt rows' labels only mark real tokens
+                                    and any(all(t == IGNORE_INDEX for t in labels[1:]) for _, labels in unit)):
                     dropped.append(where)
                 else:
                     units.append(unit)
@@ -103,6 +108,13 @@ class RecordFiles:
         if not units:
             raise ValueError(f"no usable examples in {[str(p) for p in paths]}")
         return units
+
+    def _prompt_unit(self, where: str, row: dict[str, Any]) -> list[tuple[list[int], list[int]]] | None:
+        """The prompt (up to the assistant marker) and the answer's tokens, labels marking every real token
+        (llmtrain.strategies.rollout.split_prompts); None when the prompt leaves no room in `seq_len`."""
+        messages, answer = prompt_messages(where, row)
+        prompt, answer_ids = self.template.encode_prompt(messages), self.tokenizer.encode(answer)
+        return [(prompt, prompt), (answer_ids, answer_ids)] if len(prompt) < self.seq_len else None
 
     def _cut(self, sequence: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
         ids, labels = sequence

@@ -7,6 +7,8 @@ Chat rows (SFT), any of:
 Preference rows (DPO/IPO):
     {"prompt": ..., "chosen": ..., "rejected": ...}   each a string or a list of messages
     {"chosen": [...], "rejected": [...]}               whole conversations sharing all but the last turn
+Prompt rows (GRPO): {"prompt": a string or a list of messages, "answer": str, "system": ... (optional)},
+    the answer being what the reward functions compare against (the same keys also serve as a chat row).
 Every error names the row's file:line (`where`).
 """
 
@@ -21,6 +23,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 RESPONSE_KEYS = ("response", "answer", "completion")
 CHAT_SHAPES = "{'messages'}, {'conversations'} or {'prompt', 'response'|'answer'|'completion'}"
 PREFERENCE_SHAPES = "{'prompt', 'chosen', 'rejected'} or {'chosen', 'rejected'} as conversations"
+PROMPT_SHAPES = "{'prompt', 'answer'}"
 
 
 def row_format(row: dict[str, Any]) -> str | None:
@@ -30,6 +33,21 @@ def row_format(row: dict[str, Any]) -> str | None:
     if "messages" in row or "conversations" in row or ("prompt" in row and any(k in row for k in RESPONSE_KEYS)):
         return "chat"
     return "text" if "text" in row else None
+
+
+def has_format(row: dict[str, Any], format: str) -> bool:
+    """Whether `row` has one of the shapes of batch `format` ({'prompt', 'answer'} is chat and prompts)."""
+    return "prompt" in row and "answer" in row if format == "prompts" else row_format(row) == format
+
+
+def prompt_messages(where: str, row: dict[str, Any]) -> tuple[list[Message], str]:
+    """(prompt messages, reference answer) of a prompt row."""
+    if not ("prompt" in row and "answer" in row):
+        raise RecordError(where, f"not a prompt row: expected {PROMPT_SHAPES}, got keys {sorted(row)}")
+    if not isinstance(row["prompt"], str):
+        return _message_list(where, "prompt", row["prompt"]), _string(where, row, "answer")
+    system = [{"role": "system", "content": _string(where, row, "system")}] if "system" in row else []
+    return [*system, {"role": "user", "content": row["prompt"]}], _string(where, row, "answer")
 
 
 def chat_messages(where: str, row: dict[str, Any]) -> list[Message]:

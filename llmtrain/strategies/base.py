@@ -1,8 +1,11 @@
 """What every strategy provides to the one training loop (STYLE 2.7).
 
-A strategy owns only its method's math. The loop asks it how many loss items a batch holds
-(target tokens for SEQ/SFT, pairs for DPO), so that an accumulation window is normalised as one large batch
-(SPECS 4.2), then calls `loss` on each micro-batch with the window's total.
+A strategy owns only its method's math. For each optimizer step the loop first gives every
+micro-batch of the window to `prepare` (identity, except for on-policy methods: GRPO samples its
+completions there), then asks how many loss items each prepared batch holds (target tokens for
+SEQ/SFT, pairs for DPO, completions or completion tokens for GRPO), so that an accumulation window
+is normalised as one large batch (SPECS 4.2), then calls `loss` on each micro-batch with the
+window's total. Strategies subclass `Strategy` explicitly to inherit the identity `prepare`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,21 @@ from torch import Tensor, nn
 
 
 class Strategy(Protocol):
-    """`format` names the batch layout the strategy consumes: text, chat, preference or prompt."""
+    """`format` names the batch layout the strategy consumes: text, chat, preference or prompts."""
 
     format: str
 
     def setup(self, model: nn.Module, data: object) -> None:
         """One-time preparation after the data is set up and before a checkpoint is resumed
         (e.g. DPO freezes a copy of the starting policy, or precomputes its log-probs)."""
+
+    def prepare(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
+        """The batch `loss` will see, from the data's batch (already on the device).
+
+        `step` is the optimizer step about to run (0-based), or None during evaluation. Called for
+        every micro-batch of a window before the first `loss` of that window, with the same weights.
+        """
+        return batch
 
     def num_items(self, batch: dict[str, Tensor]) -> int:
         """Loss items (e.g. target tokens after the shift) in one micro-batch."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.seq import IGNORE_INDEX, shift_labels
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,12 @@ class FrozenReference:
             log.info("reference log-probs precomputed for every pair; the reference model is released")
             self.model = None
 
+    def sync(self, policy: nn.Module) -> None:
+        """Overwrite the reference with the policy's current weights (a hard update, TR-DPO's alpha = 1)."""
+        if self.model is None:
+            raise RuntimeError("the reference is not set up (or was released after precomputing)")
+        self.model.load_state_dict(getattr(policy, "module", policy).state_dict())
+
     def logps(self, batch: dict[str, Tensor]) -> Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]
@@ -149,7 +156,7 @@ def preference_metrics(beta: float, policy_2B: Tensor, reference_2B: Tensor, num
                 "logps/chosen": policy_c.sum() / num_items, "logps/rejected": policy_r.sum() / num_items}
 
 
-class DPO:
+class DPO(Strategy):
     """Sigmoid DPO loss against a frozen reference.
 
     Args:

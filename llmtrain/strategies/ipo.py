@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.dpo import FrozenReference, pair_logps, preference_metrics
 
 
-class IPO:
+class IPO(Strategy):
     """Squared-loss preference optimisation on length-averaged log-prob ratios.
 
     Args:

@@ -7,6 +7,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmtrain.strategies.base import Strategy
+
 IGNORE_INDEX = -100
 
 
@@ -24,7 +26,7 @@ def token_cross_entropy(logits_BTV: Tensor, targets_BT: Tensor, label_smoothing:
                            label_smoothing=label_smoothing, reduction="sum")
 
 
-class NextToken:
+class NextToken(Strategy):
     """Next-token prediction on every labelled position; reports `ppl` from the unsmoothed NLL.
 
     Args:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.seq import IGNORE_INDEX, NextToken
 
 
-class SFT:
+class SFT(Strategy):
     """Masked next-token loss; reports `ppl` over response tokens and `response_tokens` per step.
 
     Args:

@@ -79,3 +79,56 @@ def test_a_run_that_fails_at_setup_leaves_its_directory_free(tmp_path):
     metrics, _ = train(compose_cfg(*IN_PROCESS, "trainer.max_steps=1", "data.accuracy_examples=0",
                                    f"paths.output_dir={tmp_path}"))
     assert metrics["step"] == 1
+
+
+GRPO_KEYS = {"reward", "reward_std", "rewards/accuracy", "kl", "completion_length", "clip_ratio"}
+GRPO_RUN = ["strategy=grpo", "data.n_train=200", "data.n_eval=8", "data.accuracy_examples=4",
+            "strategy.max_new_tokens=6", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_batches=1"]
+
+
+def test_grpo_through_the_cli_writes_its_metrics(tmp_path):
+    result = run_cli(*SMOKE, *GRPO_RUN, "trainer.accumulation_steps=2", "strategy.num_iterations=2",
+                     f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    logged = rows(tmp_path)
+    assert len(logged) == 4 and all(GRPO_KEYS <= set(row) for row in logged)
+    assert {f"eval/{k}" for k in GRPO_KEYS} | {"eval/accuracy"} <= set(logged[-1])
+    assert all(0 < row["completion_length"] <= 6 and row["kl"] >= 0 for row in logged)
+    assert logged[0]["clip_ratio"] == 0.0                  # a fresh rollout: every ratio is exactly 1
+    assert "held-out sampled reward" in (tmp_path / "train.log").read_text()
+
+
+def test_grpo_on_text_data_fails_at_start_naming_both(tmp_path):
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+
+    (tmp_path / "corpus.txt").write_text("some text " * 100)
+    cfg = compose_cfg(*IN_PROCESS, "strategy=grpo", "data=text", f"data.paths=[{tmp_path / 'corpus.txt'}]",
+                      f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ValueError, match="the strategy consumes 'prompts' batches, but data=text"):
+        train(cfg)
+
+
+def test_grpo_resume_from_a_sync_and_generation_step_is_bit_exact(tmp_path):
+    """Sampling seeds follow (seed, step, micro-batch); the reference and the rollout buffer are rebuilt
+    exactly when the checkpoint step is a multiple of sync_interval and num_iterations (here 4)."""
+    from safetensors.torch import load_file
+
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+
+    common = [*IN_PROCESS, *GRPO_RUN, "trainer.max_steps=8", "trainer.eval_every=4", "strategy.sync_interval=2",
+              "strategy.num_iterations=2", "callbacks.checkpoint.every_steps=4"]
+    train(compose_cfg(*common, f"paths.output_dir={tmp_path / 'straight'}"))
+    with pytest.raises(KeyboardInterrupt):     # stopped at step 6; resumed from the step-4 checkpoint
+        train(compose_cfg(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:6}",
+                          f"paths.output_dir={tmp_path / 'split'}"))
+    train(compose_cfg(*common, f"resume={tmp_path / 'split'}", "+callbacks.stop=null",
+                      f"paths.output_dir={tmp_path / 'split'}"))
+    drop = ("tokens_per_s", "elapsed_s")
+    straight, split = ([{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / run)]
+                       for run in ("straight", "split"))
+    assert straight == split and len(straight) == 8 and straight[-1]["kl"] > 0
+    a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
+    b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -1,0 +1,160 @@
+"""Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300; SPECS 4.4).
+
+For each prompt, G completions are sampled and scored (llmtrain.strategies.rollout); each
+completion's advantage is its summed reward standardised within its group,
+A_i = (r_i - mean_g r) / (std_g r + 1e-4) (unbiased std). Per completion token, with
+ratio = exp(logp - old_logp) and log-probs of softmax(logits / temperature):
+
+    per_token = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A) + kl_coef k3
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1       (>= 0; KL(policy || reference) estimator)
+
+GRPO averages the tokens of each completion, then the completions of the window (each micro-batch
+divides its sum of per-completion means by the window's completion count). A fresh rollout's
+old_logp is logp.detach() (ratio 1 in value); a reused one (num_iterations > 1) uses the
+log-probs stored at generation time. Variants whose math differs subclass one piece: DAPO
+(llmtrain.strategies.dapo) the aggregation, DrGRPO (llmtrain.strategies.dr_grpo) the advantages
+and the aggregation. The reference is a frozen copy of the starting policy (none when
+kl_coef = 0), overwritten with the policy's weights at every step that is a positive multiple of
+`sync_interval`; it is not checkpointed, so resume is exact from a checkpoint at such a step.
+
+Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
+group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
+reward of each function), `kl` (token-weighted masked mean of k3, only when kl_coef > 0),
+`completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
+tokens whose clipped term is active: ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from llmtrain.strategies.base import Strategy
+from llmtrain.strategies.dpo import FrozenReference
+from llmtrain.strategies.rewards import RewardFn, reward_name
+from llmtrain.strategies.rollout import Rollouts, completion_logps
+
+
+def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
+    """(r - group mean) / (unbiased group std + eps), shape (B, G); 0 for a group of equal rewards."""
+    return (rewards_BG - rewards_BG.mean(-1, keepdim=True)) / (rewards_BG.std(-1, keepdim=True) + eps)
+
+
+def clipped_objective(logp_BN: Tensor, old_logp_BN: Tensor, advantages_B: Tensor, clip_low: float,
+                      clip_high: float) -> tuple[Tensor, Tensor]:
+    """Per-token -min(ratio A, clip(ratio) A) and where the clipped term is the active one (SPECS 4.4.2)."""
+    ratio_BN, A_B1 = torch.exp(logp_BN - old_logp_BN), advantages_B[:, None]
+    loss_BN = -torch.min(ratio_BN * A_B1, ratio_BN.clamp(1 - clip_low, 1 + clip_high) * A_B1)
+    clipped_BN = ((ratio_BN < 1 - clip_low) & (A_B1 < 0)) | ((ratio_BN > 1 + clip_high) & (A_B1 > 0))
+    return loss_BN, clipped_BN
+
+
+def k3(logp_BN: Tensor, ref_logp_BN: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(policy || reference) per token: exp(d) - d - 1, d = ref - policy."""
+    d_BN = ref_logp_BN - logp_BN
+    return torch.exp(d_BN) - d_BN - 1
+
+
+class GRPO(Strategy):
+    """Group-relative clipped policy gradient on sampled completions; see the module docstring.
+
+    Args:
+        rewards: reward callables `fn(prompts, completions, answers) -> list[float]` (strategies/rewards.py).
+        reward_weights: one weight per reward function (None: all 1); the reward is the weighted sum.
+        group_size: G completions per prompt, >= 2 (the group std needs two).
+        max_new_tokens, temperature: sampling settings (temperature also divides the loss's logits).
+        clip_eps, clip_eps_high: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (None: clip_eps).
+        kl_coef: weight of the k3 KL to the reference; 0 builds no reference.
+        sync_interval: steps between hard copies policy -> reference (None: never).
+        num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
+        seed: base of the sampling seeds.
+    """
+
+    format = "prompts"
+
+    def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
+                 group_size: int = 4, max_new_tokens: int = 16, temperature: float = 1.0, clip_eps: float = 0.2,
+                 clip_eps_high: float | None = None, kl_coef: float = 0.01, sync_interval: int | None = 200,
+                 num_iterations: int = 1, seed: int = 0) -> None:
+        clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+        self.names = [reward_name(fn) for fn in rewards]
+        weights = [1.0] * len(self.names) if reward_weights is None else [float(w) for w in reward_weights]
+        _validate(self.names, weights, group_size, max_new_tokens, temperature, clip_eps, clip_eps_high, kl_coef,
+                  sync_interval, num_iterations)
+        self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
+        self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
+        self.kl_coef, self.sync_interval = kl_coef, sync_interval
+        self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
+        self.reference = FrozenReference(share_prompt=False) if kl_coef > 0 else None
+
+    def setup(self, model: nn.Module, data: object) -> None:
+        self.rollouts.tokenizer = data.tokenizer
+        if self.reference is not None:
+            self.reference.setup(model, data)
+
+    def prepare(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
+        rollout = self.rollouts(model, batch, step)
+        if self.reference is not None and self.rollouts.position == 0 and step and self.sync_interval \
+                and step % self.sync_interval == 0:
+            self.reference.sync(model)               # before the window's first loss: weights after `step` updates
+        return rollout
+
+    def num_items(self, batch: dict[str, Tensor]) -> int:
+        return batch["completion_mask"].shape[0]                 # completions
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
+        mask_BN = batch["completion_mask"].float()
+        logp_BN = completion_logps(model, batch, self.temperature)
+        old_logp_BN = batch["old_logp"] if "old_logp" in batch else logp_BN.detach()
+        reward_B = batch["rewards"] @ self.weights_K.to(mask_BN.device)
+        advantages_B = self.advantages(reward_B.view(-1, self.group_size)).flatten()
+        per_token_BN, clipped_BN = clipped_objective(logp_BN, old_logp_BN, advantages_B, self.clip_low,
+                                                     self.clip_high)
+        metrics = {"reward": reward_B.sum(), "reward_std": reward_B.view(-1, self.group_size).std(-1).sum(),
+                   **{f"rewards/{n}": r.sum() for n, r in zip(self.names, batch["rewards"].unbind(-1))},
+                   "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
+                   "completion_tokens": mask_BN.sum()}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp_BN = completion_logps(self.reference.model, batch, self.temperature)
+            # after EOS the two models may disagree without bound: exp would overflow and inf * 0 is NaN
+            ref_logp_BN = torch.where(mask_BN.bool(), ref_logp_BN, logp_BN.detach())
+            kl_BN = k3(logp_BN, ref_logp_BN)
+            per_token_BN = per_token_BN + self.kl_coef * kl_BN
+            metrics["kl"] = (kl_BN.detach() * mask_BN).sum()
+        return self.aggregate(per_token_BN, mask_BN, num_items), metrics
+
+    def advantages(self, rewards_BG: Tensor) -> Tensor:
+        return group_advantages(rewards_BG)
+
+    def aggregate(self, per_token_BN: Tensor, mask_BN: Tensor, num_items: int) -> Tensor:
+        """Per-completion token mean, summed and divided by the window's completions."""
+        return ((per_token_BN * mask_BN).sum(-1) / mask_BN.sum(-1).clamp(min=1)).sum() / num_items
+
+    def summarize(self, totals: dict[str, float]) -> dict[str, float]:
+        """Window means from the window sums of `loss`'s metrics."""
+        completions, tokens = totals.pop("completions"), totals.pop("completion_tokens")
+        per_completion = {k: v / completions for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
+        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio") if k in totals}
+        return {**totals, **per_completion, **per_token, "completion_length": tokens / completions,
+                "reward_std": totals["reward_std"] / (completions / self.group_size)}
+
+
+def _validate(names: list[str], weights: list[float], group_size: int, max_new_tokens: int, temperature: float,
+              clip_eps: float, clip_eps_high: float, kl_coef: float, sync_interval: int | None,
+              num_iterations: int) -> None:
+    if not names or len(set(names)) != len(names) or len(weights) != len(names):
+        raise ValueError(f"strategy.rewards needs distinct reward functions (got names {names}) and as many "
+                         f"strategy.reward_weights (got {weights})")
+    if group_size < 2:
+        raise ValueError(f"strategy.group_size={group_size} must be >= 2: the std of a group of one is undefined")
+    if max_new_tokens < 1 or temperature <= 0 or num_iterations < 1:
+        raise ValueError(f"need max_new_tokens >= 1, temperature > 0, num_iterations >= 1; got "
+                         f"{max_new_tokens}, {temperature}, {num_iterations}")
+    if not 0 < clip_eps < 1 or clip_eps_high <= 0 or kl_coef < 0:
+        raise ValueError(f"need 0 < clip_eps < 1, clip_eps_high > 0, kl_coef >= 0; got clip_eps={clip_eps}, "
+                         f"clip_eps_high={clip_eps_high}, kl_coef={kl_coef}")
+    if sync_interval is not None and sync_interval < 1:
+        raise ValueError(f"strategy.sync_interval={sync_interval} must be >= 1 or null (never)")

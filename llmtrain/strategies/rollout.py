@@ -1,0 +1,145 @@
+"""GRPO rollouts (SPECS 4.4.1): sample G completions per prompt, score them, keep them for reuse.
+
+A "prompts" batch from the data holds 2B right-padded rows: row i is prompt i (the chat template
+up to the assistant marker) and row B + i its reference answer; `labels` equal the ids on every
+real token and IGNORE_INDEX on padding, which is how the lengths are read back. A rollout turns
+it into the batch the GRPO loss consumes, with B·G rows (the G copies of a prompt contiguous):
+
+    input_ids       (BG, P + N)  left-padded prompt, then the completion (pad after its EOS)
+    attention_mask  (BG, P + N)  0 on the prompt's left padding, 1 elsewhere (as in generation)
+    completion_mask (BG, N)      1 up to and including the first EOS
+    rewards         (BG, K)      the raw reward of each of the K reward functions
+    old_logp        (BG, N)      the sampled tokens' log-probs at generation time (reused batches only)
+
+Sampling uses llmtrain.generate (KV cache, temperature only: no top-k/top-p, so the loss's
+log softmax(logits / temperature) is the sampling distribution, SPECS 7.1) in eval mode without
+gradients, from a generator seeded with (seed, step, micro-batch position, rank), so a resumed run
+draws the same completions.
+
+With `num_iterations` = mu > 1 a rollout serves mu optimizer steps: a step with step % mu != 0
+reuses the rollout of the same micro-batch position from the last generating step and ignores its
+incoming batch (only every mu-th batch of prompts is used). The buffer is not checkpointed, so
+resume is exact only from a checkpoint whose step is a multiple of mu (a resumed step without a
+buffered rollout samples a fresh one from its own batch). The stored old_logp come from the cached
+decode, which matches the training forward to ~1e-5 in fp32 (tested); under bf16 autocast the two
+round differently, which adds a little noise to the ratios of the reused passes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from llmtrain.data.chat import IGNORE_INDEX
+from llmtrain.generate import generate
+from llmtrain.strategies.rewards import RewardFn
+
+
+def split_prompts(batch: dict[str, Tensor]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids) of a "prompts" batch, one list of token ids per example."""
+    lengths = (batch["labels"] != IGNORE_INDEX).sum(-1).tolist()
+    rows = [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+    return rows[:len(rows) // 2], rows[len(rows) // 2:]
+
+
+def completion_mask(tokens_BN: Tensor, eos_id: int) -> Tensor:
+    """1 up to and including each row's first EOS, 0 after it; all 1 for a row without EOS."""
+    is_eos_BN = tokens_BN == eos_id
+    first_B1 = torch.where(is_eos_BN.any(-1), is_eos_BN.int().argmax(-1), tokens_BN.shape[1])[:, None]
+    return (torch.arange(tokens_BN.shape[1], device=tokens_BN.device) <= first_B1).long()
+
+
+def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A completion's text for the rewards: <pad>/<bos>/<eos> dropped, other special tokens by name."""
+    framing = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    return tokenizer.decode([i for i in ids if i not in framing], skip_special=False)
+
+
+def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
+    """log softmax(logits / temperature) of each completion token, (BG, N), float32."""
+    ids_BT, N = batch["input_ids"], batch["completion_mask"].shape[1]
+    logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1])[:, -N:]
+    logp_BNV = (logits_BNV.float() / temperature).log_softmax(-1)
+    return logp_BNV.gather(-1, ids_BT[:, -N:, None]).squeeze(-1)
+
+
+def stream_seed(seed: int, step: int | None, position: int) -> int:
+    """A sampling seed for (run seed, step or None for evaluation, micro-batch position, rank)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return zlib.crc32(f"{seed}/{'eval' if step is None else step}/{position}/{rank}".encode())
+
+
+class Rollouts:
+    """Samples, scores and (for num_iterations > 1) buffers the completions of each micro-batch.
+
+    Args:
+        rewards: reward functions (llmtrain.strategies.rewards), in the column order of `rewards`.
+        group_size: G completions per prompt.
+        max_new_tokens, temperature: sampling settings.
+        num_iterations: optimizer steps served by one rollout (mu).
+        seed: base of the per-(step, position) sampling seeds.
+    """
+
+    def __init__(self, rewards: Sequence[RewardFn], group_size: int, max_new_tokens: int, temperature: float,
+                 num_iterations: int, seed: int) -> None:
+        self.rewards, self.group_size = list(rewards), group_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.num_iterations, self.seed = num_iterations, seed
+        self.tokenizer: Any = None
+        self.buffer: dict[int, dict[str, Tensor]] = {}
+        self.key: object = object()          # the step of the last call; a new step restarts the positions
+        self.position = 0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
+        """The rollout for this micro-batch: fresh, or the buffered one on a reuse step."""
+        self.position = self.position + 1 if step == self.key else 0
+        self.key = step
+        if step is not None and step % self.num_iterations != 0 and self.position in self.buffer:
+            return self.buffer[self.position]
+        fresh = self.sample(model, batch, stream_seed(self.seed, step, self.position))
+        if step is not None and self.num_iterations > 1:
+            if self.position == 0:
+                self.buffer.clear()
+            self.buffer[self.position] = fresh
+        # a fresh rollout is scored by the weights that sampled it: its ratio is 1 (old_logp = logp.detach())
+        return {k: v for k, v in fresh.items() if k != "old_logp"}
+
+    def sample(self, model: nn.Module, batch: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+        """G completions per prompt of `batch`, with their masks, sampling log-probs and rewards."""
+        prompts, answers = split_prompts(batch)
+        repeated = [prompt for prompt in prompts for _ in range(self.group_size)]     # groups contiguous
+        model = getattr(model, "module", model)        # a DDP wrapper has no KV cache; sampling needs no sync
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = generate(model, repeated, self.max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                               temperature=self.temperature, seed=seed, return_logprobs=True)
+        finally:
+            model.train(was_training)
+        mask_BN = completion_mask(out.tokens_BN, self.tokenizer.eos_id)
+        completions = [completion_text(self.tokenizer, row[:n])
+                       for row, n in zip(out.tokens_BN.tolist(), mask_BN.sum(-1).tolist())]
+        return {"input_ids": torch.cat([out.prompt_ids_BP, out.tokens_BN], 1),
+                "attention_mask": torch.cat([out.prompt_mask_BP, torch.ones_like(out.tokens_BN)], 1),
+                "completion_mask": mask_BN, "old_logp": out.logprobs_BN * mask_BN,
+                "rewards": self.score(prompts, answers, completions).to(mask_BN.device)}
+
+    def score(self, prompts: list[list[int]], answers: list[list[int]], completions: list[str]) -> Tensor:
+        """(BG, K) raw rewards: each function called once on every completion of the rollout."""
+        G = self.group_size
+        prompt_texts = [self.tokenizer.decode(p) for p in prompts for _ in range(G)]
+        answer_texts = [self.tokenizer.decode(a) for a in answers for _ in range(G)]
+        columns = []
+        for fn in self.rewards:
+            values = [float(v) for v in fn(prompt_texts, completions, answer_texts)]
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {fn!r} returned {len(values)} values for {len(completions)} "
+                                 "completions")
+            columns.append(torch.tensor(values, dtype=torch.float32))
+        return torch.stack(columns, -1)
