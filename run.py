@@ -1,5 +1,7 @@
 """python run.py [group=option ...] [key=value ...]: compose conf/ and train (see README.md)."""
 
+import logging
+import os
 import signal
 import sys
 
@@ -12,8 +14,17 @@ from llmtrain.entry import train
 from llmtrain.trainer import NonFiniteError, StopRequested
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun every rank runs this script; the console shows rank 0 (others: warnings and up)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    quiet_other_ranks()
     try:
         metrics, _ = train(cfg)
     except StopRequested as stop:        # SIGTERM / Ctrl-C: checkpointed; the shell convention 128 + signal

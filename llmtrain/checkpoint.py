@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmtrain.hardware import rng_state, set_rng_state
@@ -45,21 +45,29 @@ def config_hash(config_yaml: str) -> str:
     return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
 
 
-def unique_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict with one name per storage (a tied lm_head is stored once, as embed.weight).
+def unique_tensors(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The state dict with one name per parameter (a tied lm_head is stored once, as embed.weight).
 
-    Not `safetensors.save_model`: it records the dropped names as extra metadata entries, and the
-    order of several entries in the file header varies between processes, so two identical models
-    would not give identical files (and resume would not be byte-exact).
+    `state` is the full state dict to take the tensors from (default `model.state_dict()`; FSDP2
+    gathers it from the shards, see Hardware.model_state_dict); which names are tied is read from
+    the live module. Not `safetensors.save_model`: it records the dropped names as extra metadata
+    entries, and the order of several entries in the file header varies between processes, so two
+    identical models would not give identical files (and resume would not be byte-exact).
     """
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    unique = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            unique[name] = tensor.contiguous()
-    return unique
+    state = model.state_dict() if state is None else state
+    tied = tied_names(model)
+    return {name: tensor.contiguous() for name, tensor in state.items() if name not in tied}
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same Parameter as an earlier name (lm_head.weight when tied)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
 
 
 def _fsync_tree(path: Path) -> None:
@@ -101,14 +109,22 @@ def _torch_save(obj: object, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def _write_files(tmp: Path, trainer: Any, config_yaml: str) -> None:
-    state = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-             "rng": rng_state(), "trainer": trainer.state_dict()}
+def gather_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(weights, resume state) as one process would hold them; every rank calls it (FSDP2 gathers)."""
+    hardware = trainer.hardware
+    weights = unique_tensors(trainer.model, hardware.model_state_dict(trainer.model))
+    state = {"optimizer": hardware.optimizer_state_dict(trainer.model, trainer.optimizer),
+             "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "trainer": trainer.state_dict()}
+    return weights, state
+
+
+def _write_files(tmp: Path, trainer: Any, weights: dict[str, Tensor], state: dict[str, Any],
+                 config_yaml: str) -> None:
     meta = {"format_version": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
             "iteration": trainer.iteration, "config_hash": config_hash(config_yaml), "rope_layout": "half",
             "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     _write(tmp / "model.safetensors",
-           lambda path: save_file(unique_tensors(trainer.model), str(path), metadata={"format": "pt"}))
+           lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
     _write(tmp / "resume.pt", lambda path: _torch_save(state, path))
     _write(tmp / "config.yaml", lambda path: path.write_text(config_yaml))
     _write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))     # last
@@ -117,21 +133,26 @@ def _write_files(tmp: Path, trainer: Any, config_yaml: str) -> None:
 def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
     """Write the trainer's current state to `root/step_N` and point `root/latest` at it.
 
+    Every rank calls this (the state is gathered collectively); only rank 0 writes.
+
     Raises:
         OSError: a write, fsync, rename or the symlink failed (e.g. errno ENOSPC, "No space left on
             device"), whichever library wrote the file. What this call created is removed first (best
             effort, never masking that error) and a folder it moved aside is put back, so the earlier
             step folders and `latest` are as they were: `latest` still names the last complete checkpoint.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    weights, state = gather_state(trainer)
     final = root / step_dir_name(trainer.step)
+    if not trainer.hardware.is_rank0:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)                      # debris of a write that was killed
     placed = aside = None
     try:
         tmp.mkdir()
-        _write_files(tmp, trainer, config_yaml)
+        _write_files(tmp, trainer, weights, state, config_yaml)
         _fsync_tree(tmp)
         if final.exists():                      # e.g. resumed from an older checkpoint: keep, never overwrite
             aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -182,13 +203,12 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     meta = read_meta(path)
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta['format_version']}, this llmtrain reads {FORMAT_VERSION}")
-    missing, unexpected = load_model(trainer.model, str(path / "model.safetensors"), strict=False,
-                                     device=str(next(trainer.model.parameters()).device))
+    missing, unexpected = trainer.hardware.load_model_weights(trainer.model, str(path / "model.safetensors"))
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the model: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     state = torch.load(path / "resume.pt", weights_only=True, map_location="cpu")
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.hardware.load_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.load_state_dict(state["trainer"])
     set_rng_state(state["rng"])

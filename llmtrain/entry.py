@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmtrain.checkpoint import load_checkpoint
+from llmtrain.launch import launch, under_launcher
 from llmtrain.pretrained import build, load_weights, source_model_node, stage_record
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
 from llmtrain.trainer import NonFiniteError
@@ -66,17 +68,29 @@ def claim_run_dir(output_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def claimed_run_dir(output_dir: Path, claim: bool) -> Iterator[None]:
+def claimed_run_dir(output_dir: Path, claim: bool, keep_if_started: bool = False) -> Iterator[None]:
     """Claim `output_dir` for a new run during the setup inside; if the setup fails (bad input),
-    release it again, so that the directory does not look like it holds a run."""
+    release it again, so that the directory does not look like it holds a run.
+
+    `keep_if_started`: the inside is the whole run in other processes; release only if rank 0 never
+    got as far as writing its record (run.json still says "starting").
+    """
     if claim:
         claim_run_dir(output_dir)
     try:
         yield
     except BaseException:
-        if claim:
-            (output_dir / "run.json").unlink(missing_ok=True)
+        record = output_dir / "run.json"
+        if claim and not (keep_if_started and record.exists() and '"starting"' not in record.read_text()):
+            record.unlink(missing_ok=True)
         raise
+
+
+class NoRecord:
+    """The run record of ranks other than 0: only rank 0 writes run.json."""
+
+    def finish(self, status: str, metrics: dict[str, float] | None, elapsed_s: float) -> None:
+        pass
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -111,14 +125,16 @@ def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %s parameters (%.2fM), vocab %d", type(model).__name__, f"{n:,}", n / 1e6,
              cfg.model.vocab_size)
-    return hardware.prepare(model)
+    return hardware.place(model)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run one training job described by `cfg`.
+    """Run one training job described by `cfg`: in this process, or in `hardware.nprocs` rank
+    processes started here (llmtrain.launch), or as one rank of a torchrun / SLURM job.
 
     Returns:
-        The final metrics, and the built objects (model, trainer, callbacks, ...) for tests.
+        The final metrics, and the built objects (model, trainer, callbacks, ...) for tests (only
+        `cfg` when the ranks ran in other processes).
     """
     checkpoint = None if cfg.resume is None else find_checkpoint(cfg.resume)
     if checkpoint is not None:
@@ -126,17 +142,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    nprocs = cfg.hardware.get("nprocs")
+    if nprocs is not None and not under_launcher():
+        with claimed_run_dir(output_dir, claim=checkpoint is None, keep_if_started=True):
+            return launch(cfg, checkpoint, nprocs), {"cfg": cfg}
+    if nprocs is not None and nprocs > 1:
+        raise ValueError(f"hardware.nprocs={nprocs} starts rank processes itself; under torchrun (or SLURM) "
+                         "leave it at 1: the launcher already started the ranks")
+    return run(cfg, checkpoint, claim=checkpoint is None and int(os.environ.get("RANK", "0")) == 0)
 
-    with claimed_run_dir(output_dir, claim=checkpoint is None):   # a directory in use fails here, first
+
+def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build everything in dependency order and fit (on every rank); `claim`: take the run directory."""
+    output_dir = Path(cfg.paths.output_dir)
+    with claimed_run_dir(output_dir, claim=claim):   # a directory in use fails here, first
         hardware = instantiate(cfg.hardware)
-        data = instantiate(cfg.data)                   # cheap: the heavy work is in data.setup
+        data = hardware.shard(instantiate(cfg.data))   # cheap: the heavy work is in data.setup
         model = build_model(cfg, hardware, data.tokenizer.vocab_size)
         strategy = instantiate(cfg.strategy)
-        optimizer = instantiate(cfg.optimizer)(model.named_parameters())
-        make_scheduler = instantiate(cfg.scheduler)
         data.setup(strategy.format)                    # an impossible pairing fails here, naming both
-        strategy.setup(model, data)                    # before a resumed checkpoint replaces the weights
+        strategy.setup(model, data)                    # the plain model (DPO copies it); before a resume
+        model = hardware.prepare(model)                # checkpointing, compile, DDP/FSDP: in place
+        optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
+        make_scheduler = instantiate(cfg.scheduler)
         callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+        callbacks = [c for c in callbacks if hardware.is_rank0 or not c.rank_zero_only]
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,
                               scheduler=make_scheduler, hardware=hardware, callbacks=callbacks,
@@ -147,11 +177,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 raise ValueError(f"resume={cfg.resume}: the run already finished its {trainer.total_steps} steps; "
                                  "add trainer.max_steps=<more> to train further")
             log.info("resumed from %s at step %d", checkpoint, trainer.step)
-        else:
+        elif hardware.is_rank0:
             save_resolved_config(cfg, output_dir)
         init_from = cfg.model.get("init_from")
         record = RunRecord(output_dir, cfg.seed, str(hardware.device), None if checkpoint is None else str(checkpoint),
-                           stage_record(init_from) if init_from else None)
+                           stage_record(init_from) if init_from else None) if hardware.is_rank0 else NoRecord()
     log.info("%s; %d steps of %d micro-batch(es); run directory %s", hardware, trainer.total_steps,
              trainer.accumulation_steps, output_dir)
 
@@ -211,6 +241,9 @@ def log_summary(metrics: dict[str, float], output_dir: Path) -> None:
     if "eval/rewards/accuracies" in metrics:
         lines.append(f"held-out preference accuracy {metrics['eval/rewards/accuracies']:.1%}, "
                      f"reward margin {metrics['eval/rewards/margins']:.3f}")
+    if "eval/reward" in metrics:
+        lines.append(f"held-out sampled reward {metrics['eval/reward']:.3f} "
+                     f"(within-group std {metrics['eval/reward_std']:.3f})")
     if "eval/accuracy" in metrics:
         per_language = [f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("eval/accuracy/")]
         lines.append(f"held-out accuracy {metrics['eval/accuracy']:.1%}" +

@@ -48,7 +48,32 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def _run_dir_resolver(resume: str | None, default: str) -> str:
-    return claim_new_dir(Path(default)) if resume is None else str(run_dir_of(find_checkpoint(resume)))
+    if resume is not None:
+        return str(run_dir_of(find_checkpoint(resume)))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return torchrun_dir(Path(default), os.environ["TORCHELASTIC_RUN_ID"])
+    return claim_new_dir(Path(default))
+
+
+def torchrun_dir(default: Path, run_id: str) -> str:
+    """The directory every rank of a torchrun job shares (HYDRA.md 5.2): named after the run id that
+    torchrun gives all of them (--rdzv-id, the same on every node), not after each rank's clock.
+    Rank 0 claims it for a new run later (run.json), so a reused id fails instead of mixing runs."""
+    if run_id == "none":
+        raise ValueError("torchrun --rdzv-id=none: give each run an id (--rdzv-id=<id>, or --standalone), or "
+                         "choose the directory with hydra.run.dir=<dir>")
+    path = default.parent / f"torchrun_{run_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank0_file_resolver(path: str) -> str:
+    """Only rank 0 writes the log file; the other ranks of a torchrun job write to /dev/null."""
+    return path if rank() == 0 else os.devnull
 
 
 def claim_new_dir(path: str | os.PathLike) -> str:
@@ -68,7 +93,9 @@ def claim_new_dir(path: str | os.PathLike) -> str:
     raise AssertionError("unreachable")
 
 
-def _snapshot_dir_resolver(resume: str | None) -> str:
+def _snapshot_dir_resolver(resume: str | None) -> str | None:
+    if rank() != 0:
+        return None                                                  # Hydra writes no .hydra/ then
     if resume is None:
         return ".hydra"
     return f".hydra/resume_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"   # never overwrite the original
@@ -80,6 +107,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("llmtrain.new_dir", claim_new_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True,
                                     use_cache=True)
+    OmegaConf.register_new_resolver("llmtrain.rank0_file", _rank0_file_resolver, replace=True)
 
 
 def git_state(cwd: Path) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The one training loop: epoch -> accumulation window -> micro-batch, with callback hooks.
 
 The loop never branches on the strategy. Each optimizer step consumes a window of
-`accumulation_steps` micro-batches; every micro-batch loss is divided by the number of loss items
-in the whole window (SPECS 4.2), so a window is exactly one large batch. Auxiliary losses that
+`accumulation_steps` micro-batches: each is moved to the device and given to `strategy.prepare`
+(identity, or GRPO's rollouts) before the first forward, then every micro-batch loss is divided by
+the number of loss items in the whole prepared window (SPECS 4.2), so a window is exactly one large
+batch. Auxiliary losses that
 model modules record during a training forward (the MoE balance loss) are collected after each
 micro-batch, divided by the window length (they are per-sequence means) and added to that
 micro-batch's loss; the logged `loss` includes them and `aux_loss` reports their window mean
@@ -49,6 +51,9 @@ class StopRequested(KeyboardInterrupt):
     def __init__(self, reason: str, step: int) -> None:
         super().__init__(f"{reason}: stopped after step {step}")
         self.reason, self.step = reason, step
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.reason, self.step)     # picklable: a rank process returns it (llmtrain.launch)
 
 
 class NonFiniteError(RuntimeError):
@@ -178,33 +183,35 @@ class Trainer:
             self._check_nonfinite()
             if self.done:
                 return metrics
-            if self.stop_reason is not None:
-                raise StopRequested(self.stop_reason, self.step)
+            if self.hardware.all_reduce_sum(int(self.stop_reason is not None)):   # all ranks stop at one step
+                raise StopRequested(self.stop_reason or "SIGTERM", self.step)
         self.epoch, self.iteration = self.epoch + 1, 0
         return metrics
 
     def train_step(self, window: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimizer step over a window of micro-batches."""
         start = time.perf_counter()
-        num_items = sum(self.strategy.num_items(batch) for batch in window)
+        window = [self._prepare(batch, self.step) for batch in window]   # all before any update (rollouts)
+        num_items = self.hardware.all_reduce_sum(sum(self.strategy.num_items(batch) for batch in window))  # global
         totals: dict[str, Tensor] = {}
         tokens = 0
         for batch in window:
             self._emit("on_batch_begin")
-            batch = self.hardware.to_device(batch)
+            self.hardware.require_gradient_sync(self.model, batch is window[-1])   # ranks sync once per window
             with self.hardware.autocast():
                 loss, parts = self.strategy.loss(self.model, batch, num_items)
             if (aux := collect_aux_loss(self.model)) is not None:
-                aux = aux / len(window)      # per-sequence means: N equal micro-batches = one batch of N
+                aux = aux / (len(window) * self.hardware.world_size)   # per-sequence means: N micro-batches = one of N
                 loss, parts = loss + aux, {**parts, "aux_loss": aux.detach()}
-            loss.backward()
+            self.hardware.backward(loss)
             _accumulate(totals, {"loss": loss.detach(), **parts})
             tokens += batch["input_ids"].numel()
             self.iteration += 1
             self._emit("on_batch_end")
-        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.grad_norm = self.hardware.grad_norm(self.optimizer, self.params)
         norm = self.grad_norm.detach().float().to(totals["loss"].device)
-        values = dict(zip([*totals, "grad_norm"], torch.stack([*totals.values(), norm]).tolist()))  # one sync
+        summed = self.hardware.all_reduce_sum(torch.stack(list(totals.values())))   # over ranks: rank 0 logs them
+        values = dict(zip([*totals, "grad_norm"], torch.cat([summed, norm[None]]).tolist()))  # one sync
         grad_norm = values.pop("grad_norm")
         lr = self.optimizer.param_groups[0]["lr"]
         updated = self._update(values["loss"], grad_norm)
@@ -218,7 +225,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration, "lr": lr,
                 **self.strategy.summarize(values), **aux, "grad_norm": grad_norm,
-                "nonfinite_steps": self.nonfinite_steps, "tokens_per_s": tokens / seconds,
+                "nonfinite_steps": self.nonfinite_steps, "tokens_per_s": tokens * self.hardware.world_size / seconds,
                 "elapsed_s": time.perf_counter() - self._clock_zero}
 
     def _update(self, loss: float, grad_norm: float) -> bool:
@@ -237,8 +244,9 @@ class Trainer:
         if self.nonfinite_what is None:
             self.nonfinite_streak = 0
             self._emit("on_before_optimizer_step")
-            self.optimizer.step()
+            self.hardware.optimizer_step(self.optimizer)
             return True
+        self.hardware.optimizer_step(self.optimizer, skip=True)    # an fp16 loss scaler still lowers its scale
         self.nonfinite_steps += 1
         self.nonfinite_streak += 1
         log.warning("step %d: non-finite %s (loss %s, grad_norm %s): update skipped, weights unchanged "
@@ -260,17 +268,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss (one window over the eval batches) plus the data's task metrics."""
         self.model.eval()
-        batches = list(islice(self.data.eval_batches(), self.eval_batches))
+        batches = [self._prepare(batch, None) for batch in islice(self.data.eval_batches(), self.eval_batches)]
         num_items = sum(self.strategy.num_items(batch) for batch in batches)
         totals: dict[str, Tensor] = {}
         for batch in batches:
             with self.hardware.autocast():
-                loss, parts = self.strategy.loss(self.model, self.hardware.to_device(batch), num_items)
+                loss, parts = self.strategy.loss(self.model, batch, num_items)
             _accumulate(totals, {"loss": loss, **parts})
         values = dict(zip(totals, torch.stack(list(totals.values())).tolist()))
         metrics = {**self.strategy.summarize(values), **self.data.task_metrics(self.model, self.hardware.device)}
         self.model.train()
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def _prepare(self, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
+        """The batch on the device, as the strategy wants it (e.g. with GRPO's sampled completions)."""
+        with self.hardware.autocast():
+            return self.strategy.prepare(self.model, self.hardware.to_device(batch), step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration,

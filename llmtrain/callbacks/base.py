@@ -1,6 +1,9 @@
 """Hook points of the training loop; each is a no-op. A callback overrides the ones it needs.
 
 Callbacks observe the trainer (`trainer.step`, `trainer.model`, ...); they never change the loss.
+With several ranks every rank runs the callbacks, except those with `rank_zero_only = True`
+(files, consoles, loggers), which llmtrain.entry gives to rank 0 alone; the metrics they see are
+already summed over the ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    rank_zero_only: bool = False
+
     def on_train_begin(self, trainer: Trainer) -> None: ...
     def on_epoch_begin(self, trainer: Trainer) -> None: ...
     def on_step_begin(self, trainer: Trainer) -> None: ...

@@ -63,7 +63,8 @@ class Checkpoint(Callback):
             if if_failed is None:
                 raise
             return
-        prune(self.dirpath, self.keep_last)
+        if trainer.hardware.is_rank0:             # every rank gathers (FSDP2); rank 0 alone writes
+            prune(self.dirpath, self.keep_last)
         self.saved_step = trainer.step
         log.debug("saved %s", path)
 

@@ -18,6 +18,8 @@ class JsonlMetrics(Callback):
     strict JSON readers (jq, JavaScript's JSON.parse) reject.
     """
 
+    rank_zero_only = True
+
     def __init__(self, path: str, every: int = 1) -> None:
         if every < 1:
             raise ValueError(f"callbacks.metrics.every={every} must be >= 1")

@@ -1,5 +1,5 @@
-"""A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy, and the
-number of updates skipped for a non-finite loss, once there is one)."""
+"""A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy, GRPO's mean
+reward, and the number of updates skipped for a non-finite loss, once there is one)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from llmtrain.callbacks.base import Callback
 
 class RichProgress(Callback):
     """Redraws at most `refresh_per_second`; the last eval metrics stay on the line."""
+
+    rank_zero_only = True
 
     def __init__(self, refresh_per_second: float = 4.0) -> None:
         self.refresh_per_second = refresh_per_second
@@ -31,6 +33,8 @@ class RichProgress(Callback):
             if "eval/accuracy" in metrics:
                 self.eval_text += f" acc {metrics['eval/accuracy']:.1%}"
         preference = f"pref {metrics['rewards/accuracies']:.0%} " if "rewards/accuracies" in metrics else ""
+        if "reward" in metrics:               # GRPO: its loss starts near 0 by construction; the reward moves
+            preference += f"reward {metrics['reward']:.3f} "
         skipped = f" [red]{n} non-finite skipped[/]" if (n := metrics.get("nonfinite_steps")) else ""
         text = (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
                 f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}{skipped}")

@@ -71,6 +71,8 @@ class WandbLogger(Callback):
         dir: where the wandb/ folder goes; the run id is kept in it, so `resume=` continues the run.
     """
 
+    rank_zero_only = True
+
     def __init__(self, project: str = "llmtrain", entity: str | None = None, name: str | None = None,
                  group: str | None = None, tags: Sequence[str] = (), mode: str | None = None,
                  dir: str | None = None, log_every: int = 1) -> None:

@@ -1,0 +1,89 @@
+"""DDP and FSDP2 on CPU (gloo, 2 ranks) through the real CLI: 2 ranks x batch B train exactly like
+1 process x batch 2B, resume under 2 ranks is bit-exact, and sweeps start their ranks per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e.test_cli import rows, run_cli
+
+SMALL = ["debug=smoke", "data.n_train=2000", "data.n_eval=64", "data.accuracy_examples=8", "~callbacks.progress"]
+TWO_RANKS = ["hardware.nprocs=2", "data.batch_size=4"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in rows(run_dir)]
+
+
+def assert_same_curve(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 8
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)
+    assert abs(rows(a)[-1]["eval/loss"] - rows(b)[-1]["eval/loss"]) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: one process with the global batch, 2 x 4 = 8 rows."""
+    run_dir = tmp_path_factory.mktemp("single")
+    result = run_cli(*SMALL, "hardware=cpu", "data.batch_size=8", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process_with_twice_the_batch(engine, one_process, tmp_path):
+    result = run_cli(*SMALL, f"hardware={engine}", *TWO_RANKS, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert_same_curve(tmp_path, one_process)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"
+    assert not list(tmp_path.glob("*rank*"))                    # rank 0 alone writes files
+
+
+def test_torchrun_ranks_share_one_run_directory(one_process, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "run.py"),
+                             *SMALL, "hardware=ddp", "data.batch_size=4", f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_same_curve(tmp_path, one_process)
+    assert (tmp_path / ".hydra/config.yaml").exists() and (tmp_path / "train.log").exists()
+
+
+RESUME = [*SMALL, "hardware=fsdp", *TWO_RANKS, "trainer.max_steps=12", "callbacks.checkpoint.every_steps=4"]
+
+
+@pytest.mark.slow        # ~35 s: three 2-rank runs
+def test_fsdp_resume_under_two_ranks_is_bit_exact_and_loads_into_one_process(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(*RESUME, f"hydra.run.dir={straight}").returncode == 0
+    stopped = run_cli(*RESUME, "+callbacks.stop={_target_:tests.e2e.interrupt.SignalAt,step:6}",
+                      f"hydra.run.dir={split}")
+    assert stopped.returncode == 143, stopped.stderr           # SIGTERM: checkpointed at step 6 on both ranks
+    assert (split / "checkpoints/latest").resolve().name == "step_000006"
+    resumed = run_cli(f"resume={split}", "+callbacks.stop=null")
+    assert resumed.returncode == 0, resumed.stderr
+    final = "checkpoints/latest/model.safetensors"
+    assert (straight / final).read_bytes() == (split / final).read_bytes()
+    assert losses(straight) == losses(split)
+    single = run_cli(f"resume={straight}", "hardware=cpu", "trainer.max_steps=14")   # full state: one process
+    assert single.returncode == 0, single.stderr
+    assert rows(straight)[-1]["step"] == 14
+
+
+@pytest.mark.slow        # ~20 s: two jobs of 2 ranks
+def test_a_sweep_starts_the_ranks_of_each_job_in_its_own_directory(tmp_path):
+    result = run_cli("-m", "optimizer.lr=1e-4,3e-4", "hardware=ddp", *TWO_RANKS, *SMALL,
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / job / "result.json").read_text())["status"] == "COMPLETED"
+        assert len(rows(tmp_path / job)) == 8
+    assert losses(tmp_path / "0") != losses(tmp_path / "1")
