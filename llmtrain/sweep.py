@@ -258,7 +258,17 @@ def to_markdown(jobs: Sequence[JobSummary], sweep_dir: Path) -> str:
 def _labels(jobs: Sequence[JobSummary]) -> list[str]:
     """Each job's overrides minus those every job shares (what the sweep varies)."""
     common = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
-    return [" ".join(o for o in j.overrides if o not in common) or f"job {j.job}" for j in jobs]
+    return [" ".join(_short(o) for o in j.overrides if o not in common) or f"job {j.job}" for j in jobs]
+
+
+def _short(override: str) -> str:
+    """`optimizer.lr=0.0021107211086166433` -> `optimizer.lr=0.00211` (a sampler's values, in a legend)."""
+    key, sep, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}{sep}{number:.3g}" if sep and len(value) > 8 else override
 
 
 def plot(jobs: Sequence[JobSummary], title: str) -> bytes:

@@ -104,6 +104,8 @@ def test_labels_show_only_what_the_sweep_varies():
     jobs = [sweep.JobSummary("0", ["a=1", "debug=smoke"], "COMPLETED"),
             sweep.JobSummary("1", ["a=2", "debug=smoke"], "COMPLETED")]
     assert sweep._labels(jobs) == ["a=1", "a=2"]
+    sampled = [sweep.JobSummary("0", ["optimizer.lr=0.0021107211086166433", "x=abcdefghij"], "COMPLETED")]
+    assert sweep._labels(sampled + jobs)[0] == "optimizer.lr=0.00211 x=abcdefghij"
 
 
 @pytest.mark.parametrize("launcher, target", [

@@ -21,7 +21,9 @@ SEQUENCE = next(block for block in BLOCKS if "llmtrain export" in block)   # com
 PIPELINE = next(block for block in BLOCKS if "experiment=pipeline_sft" in block)
 TOKENIZERS = next(block for block in BLOCKS if "llmtrain tokenizer train" in block)
 SWEEPS = next(block for block in BLOCKS if "llmtrain summarize" in block)
-COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS if block not in (SEQUENCE, PIPELINE, TOKENIZERS, SWEEPS)
+DISTRIBUTED = next(block for block in BLOCKS if "torchrun" in block)
+COMMANDS = [line.split("  #")[0].strip() for block in BLOCKS
+            if block not in (SEQUENCE, PIPELINE, TOKENIZERS, SWEEPS, DISTRIBUTED)
             for line in block.splitlines() if line.startswith("python run.py")]
 CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
                        {"role": "assistant", "content": str(i + 1)}]} for i in range(40)]
@@ -144,6 +146,23 @@ def test_readme_sweep_block_runs_in_order(tmp_path):
     assert sum((d / "optimization_results.yaml").is_file() for d in others) == 1
     for sweep_dir in others:
         assert "**FAILED**" not in (sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow       # ~2 min: the same engines run in tests/test_distributed.py (curves vs 1 process)
+def test_readme_distributed_block_runs(tmp_path):
+    """ddp, fsdp, torchrun, a ddp sweep, activation checkpointing and compile, each for a smoke run."""
+    lines = [line.split("  #")[0].strip() for line in DISTRIBUTED.splitlines() if line.strip()]
+    assert len(lines) == 6
+    for line in lines:
+        if line.startswith("torchrun"):
+            args = shlex.split(line)
+            command = [sys.executable, "-m", "torch.distributed.run", *args[1:2], str(REPO / "run.py"), *args[3:],
+                       "debug=smoke", "callbacks.progress=null"]
+            result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            run_readme_line(line, tmp_path)
+    assert len(list((tmp_path / "outputs").rglob("run.json"))) == 5
 
 
 def test_readme_benchmark_command_runs():
