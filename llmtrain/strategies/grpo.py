@@ -101,6 +101,11 @@ class GRPO(Strategy):
             self.reference.sync(model)               # before the window's first loss: weights after `step` updates
         return rollout
 
+    def samples(self, n: int) -> list[dict[str, object]]:
+        """The first `n` completions of the last evaluation (one group: the same prompt G times, then the
+        next), with their reward per function, for samples.jsonl."""
+        return self.rollouts.eval_texts[:n]
+
     def num_items(self, batch: dict[str, Tensor]) -> int:
         return batch["completion_mask"].shape[0]                 # completions
 

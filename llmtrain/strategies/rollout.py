@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.generate import generate
-from llmtrain.strategies.rewards import RewardFn
+from llmtrain.strategies.rewards import RewardFn, reward_name
 
 
 def split_prompts(batch: dict[str, Tensor]) -> tuple[list[list[int]], list[list[int]]]:
@@ -94,6 +94,8 @@ class Rollouts:
         self.buffer: dict[int, dict[str, Tensor]] = {}
         self.key: object = object()          # the step of the last call; a new step restarts the positions
         self.position = 0
+        self.last_texts: list[dict[str, object]] = []   # the last rollout's texts and rewards, one row per completion
+        self.eval_texts: list[dict[str, object]] = []   # those of the last evaluation's rollouts
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
         """The rollout for this micro-batch: fresh, or the buffered one on a reuse step."""
@@ -102,6 +104,10 @@ class Rollouts:
         if step is not None and step % self.num_iterations != 0 and self.position in self.buffer:
             return self.buffer[self.position]
         fresh = self.sample(model, batch, stream_seed(self.seed, step, self.position))
+        if step is None:                     # evaluation: keep its texts for samples.jsonl
+            if self.position == 0:
+                self.eval_texts.clear()
+            self.eval_texts.extend(self.last_texts)
         if step is not None and self.num_iterations > 1:
             if self.position == 0:
                 self.buffer.clear()
@@ -142,4 +148,8 @@ class Rollouts:
                 raise ValueError(f"reward function {fn!r} returned {len(values)} values for {len(completions)} "
                                  "completions")
             columns.append(torch.tensor(values, dtype=torch.float32))
-        return torch.stack(columns, -1)
+        rewards_BK = torch.stack(columns, -1)
+        names = [reward_name(fn) for fn in self.rewards]
+        self.last_texts = [{"prompt": p, "completion": c, "answer": a, "rewards": dict(zip(names, r))}
+                           for p, c, a, r in zip(prompt_texts, completions, answer_texts, rewards_BK.tolist())]
+        return rewards_BK

@@ -47,6 +47,8 @@ def test_a_run_leaves_the_design_run_directory(tmp_path):
     assert all(ROW_KEYS <= set(row) for row in rows(tmp_path))
     assert {"eval/loss", "eval/ppl", "eval/accuracy"} <= set(rows(tmp_path)[-1])
     assert OmegaConf.load(tmp_path / "resolved_config.yaml").model.vocab_size == 264
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in samples} == {4, 8} and {"prompt", "expected", "predicted"} <= set(samples[0])
     log = (tmp_path / "train.log").read_text()
     assert "held-out accuracy" in log and str(tmp_path) in log
 

@@ -5,6 +5,8 @@ The pre-train -> SFT -> DPO chain itself runs as the README's pipeline block (te
 
 from __future__ import annotations
 
+import json
+
 
 import pytest
 import torch
@@ -96,6 +98,10 @@ def test_grpo_through_the_cli_writes_its_metrics(tmp_path):
     assert all(0 < row["completion_length"] <= 6 and row["kl"] >= 0 for row in logged)
     assert logged[0]["clip_ratio"] == 0.0                  # a fresh rollout: every ratio is exactly 1
     assert "held-out sampled reward" in (tmp_path / "train.log").read_text()
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in samples} == {2, 4} and len(samples) == 16     # 8 per evaluation
+    assert all({"prompt", "completion", "answer"} <= set(row) and set(row["rewards"]) == {"accuracy"}
+               for row in samples)
 
 
 def test_grpo_on_text_data_fails_at_start_naming_both(tmp_path):
