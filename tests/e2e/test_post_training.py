@@ -17,6 +17,23 @@ DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards
             "logps/rejected"}
 
 
+def straight_and_resumed(common: list[str], tmp_path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl rows (timings dropped) of a straight run and of one stopped at step 6 and resumed
+    from its step-4 checkpoint, both in-process with the overrides `common`."""
+    from llmtrain.entry import train
+    from tests.conftest import compose_cfg
+
+    train(compose_cfg(*common, f"paths.output_dir={tmp_path / 'straight'}"))
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_cfg(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:6}",
+                          f"paths.output_dir={tmp_path / 'split'}"))
+    train(compose_cfg(*common, f"resume={tmp_path / 'split'}", "+callbacks.stop=null",
+                      f"paths.output_dir={tmp_path / 'split'}"))
+    drop = ("tokens_per_s", "elapsed_s")
+    return tuple([{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / run)]
+                 for run in ("straight", "split"))
+
+
 def test_a_run_directory_that_holds_a_run_is_not_overwritten(tmp_path):
     (tmp_path / "run.json").write_text('{"status": "completed"}')
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -39,21 +56,12 @@ def test_dpo_resume_continues_with_the_same_reference_bit_exactly(precompute, tm
     """The reference is the *starting* policy: a resumed run must not copy the resumed weights."""
     from safetensors.torch import load_file
 
-    from llmtrain.entry import train
-    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+    from tests.conftest import SMOKE as IN_PROCESS
 
     common = [*IN_PROCESS, "strategy=dpo", f"strategy.precompute_reference={str(precompute).lower()}",
               "data.n_train=400", "data.n_eval=40", "data.accuracy_examples=0", "callbacks.checkpoint.every_steps=4"]
-    train(compose_cfg(*common, f"paths.output_dir={tmp_path / 'straight'}"))
-    with pytest.raises(KeyboardInterrupt):     # stopped at step 6; resumed from the step-4 checkpoint
-        train(compose_cfg(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:6}",
-                          f"paths.output_dir={tmp_path / 'split'}"))
-    train(compose_cfg(*common, f"resume={tmp_path / 'split'}", "+callbacks.stop=null",
-                      f"paths.output_dir={tmp_path / 'split'}"))
-    straight, split = rows(tmp_path / "straight"), rows(tmp_path / "split")
-    drop = ("tokens_per_s", "elapsed_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in split]
+    straight, split = straight_and_resumed(common, tmp_path)
+    assert straight == split
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -120,20 +128,11 @@ def test_grpo_resume_from_a_sync_and_generation_step_is_bit_exact(tmp_path):
     exactly when the checkpoint step is a multiple of sync_interval and num_iterations (here 4)."""
     from safetensors.torch import load_file
 
-    from llmtrain.entry import train
-    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+    from tests.conftest import SMOKE as IN_PROCESS
 
     common = [*IN_PROCESS, *GRPO_RUN, "trainer.max_steps=8", "trainer.eval_every=4", "strategy.sync_interval=2",
               "strategy.num_iterations=2", "callbacks.checkpoint.every_steps=4"]
-    train(compose_cfg(*common, f"paths.output_dir={tmp_path / 'straight'}"))
-    with pytest.raises(KeyboardInterrupt):     # stopped at step 6; resumed from the step-4 checkpoint
-        train(compose_cfg(*common, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:6}",
-                          f"paths.output_dir={tmp_path / 'split'}"))
-    train(compose_cfg(*common, f"resume={tmp_path / 'split'}", "+callbacks.stop=null",
-                      f"paths.output_dir={tmp_path / 'split'}"))
-    drop = ("tokens_per_s", "elapsed_s")
-    straight, split = ([{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / run)]
-                       for run in ("straight", "split"))
+    straight, split = straight_and_resumed(common, tmp_path)
     assert straight == split and len(straight) == 8 and straight[-1]["kl"] > 0
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
