@@ -27,7 +27,7 @@ of the modules that generate, encode and pack, so a changed input never reads a 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from llmtrain.data.cache import (PYTHON, Cache, cache_root, digest, examples_byt
 from llmtrain.data.chat import JinjaTemplate, Message, make_template
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.padded import PaddedBatches
+from llmtrain.data.splits import Splits
 from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, document, question,
                                      split_examples)
 from llmtrain.data.tokenizer import ByteTokenizer
@@ -53,7 +54,7 @@ PADDED_STATE = ("ids", "is_target", "lengths_NK")      # what PaddedBatches deri
 Batches = RowBatches | PaddedBatches
 
 
-class BuiltinTask:
+class BuiltinTask(Splits):
     """Bilingual arithmetic and string questions with a disjoint held-out split.
 
     Args:
@@ -216,18 +217,6 @@ class BuiltinTask:
             raise ValueError(f"data.add_column({name!r}): packed text rows have no per-example columns")
         self.train.add_column(name, compute)
         self.eval.add_column(name, compute)
-
-    def num_batches(self) -> int:
-        """Training batches per epoch (the last incomplete one is dropped)."""
-        return len(self.train)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        """Batches `start`, `start + 1`, ... of `epoch`, in an order fixed by (seed, epoch)."""
-        return self.train.shuffled(epoch, start)
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        """Every held-out row in a fixed order; the last batch may be short."""
-        return self.eval.in_order()
 
     def predictions(self, model: nn.Module, device: torch.device | str) -> list[tuple[Example, str]]:
         """Greedy answers (stripped text before <eos>) to the first `accuracy_examples` held-out questions."""

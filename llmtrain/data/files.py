@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ from llmtrain.data.formats import (CHAT_SHAPES, PREFERENCE_SHAPES, PROMPT_SHAPES
                                    preference_messages, prompt_messages, row_format)
 from llmtrain.data.padded import PaddedBatches
 from llmtrain.data.records import RECORD_SUFFIXES, read_records
+from llmtrain.data.splits import Splits
 
 log = logging.getLogger(__name__)
 NEEDS = {"chat": CHAT_SHAPES, "preference": PREFERENCE_SHAPES, "prompts": PROMPT_SHAPES}
 
 
-class RecordFiles:
+class RecordFiles(Splits):
     """Conversations or preference pairs from files; the last `eval_fraction` is held out.
 
     Args:
@@ -123,18 +124,6 @@ class RecordFiles:
     def add_column(self, name: str, compute: Callable[[dict[str, Tensor]], Tensor]) -> None:
         self.train.add_column(name, compute)
         self.eval.add_column(name, compute)
-
-    def num_batches(self) -> int:
-        return len(self.train)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        return self.train.shuffled(epoch, start)
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        return self.eval.in_order()
-
-    def task_metrics(self, model: Any, device: Any) -> dict[str, float]:
-        return {}                               # free-form answers have no exact-match score
 
 
 def _check_paths(option: str, paths: Sequence[str]) -> list[Path]:

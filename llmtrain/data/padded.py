@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from llmtrain.data.chat import IGNORE_INDEX
+
 Sequence_ = tuple[list[int], list[int]]          # ids, labels (IGNORE_INDEX where not a target)
 
 
@@ -109,4 +110,3 @@ class PaddedBatches:
             units_B = torch.arange(i, min(i + batch_size, self.num_units))
             values.append(compute(self.batch(units_B)).detach().float().cpu().view(self.k, -1).T)
         self.columns[name] = torch.cat(values)
-

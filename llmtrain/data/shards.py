@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from llmtrain.data.atomic import new_dir
 from llmtrain.data.packing import RowBatches
+from llmtrain.data.splits import Splits
 from llmtrain.data.text import SUFFIXES, read_documents
 
 FORMAT_VERSION = 1
@@ -160,7 +161,7 @@ class ShardRows:
         return torch.from_numpy(ids_NT.astype(np.int64))
 
 
-class TokenShards:
+class TokenShards(Splits):
     """Pre-training rows streamed from a shard folder; the last `eval_fraction` of rows is held out.
 
     Args:
@@ -200,15 +201,3 @@ class TokenShards:
                              f"one training batch of {self.batch_size} after holding out {n_eval}")
         self.train = RowBatches(rows.range(0, len(rows) - n_eval), self.batch_size, self.seed)
         self.eval = RowBatches(rows.range(len(rows) - n_eval, len(rows)), self.eval_batch_size, self.seed)
-
-    def num_batches(self) -> int:
-        return len(self.train)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        return self.train.shuffled(epoch, start)
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        return self.eval.in_order()
-
-    def task_metrics(self, model: Any, device: Any) -> dict[str, float]:
-        return {}                               # free text has no task to score

@@ -7,10 +7,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.records import read_records, string_field
+from llmtrain.data.splits import Splits
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -24,7 +23,7 @@ def read_documents(path: Path) -> Iterator[str]:
         yield string_field(where, row, "text")
 
 
-class TextFiles:
+class TextFiles(Splits):
     """Pre-training text from files, packed into rows; the last `eval_fraction` of rows is held out.
 
     Args:
@@ -63,15 +62,3 @@ class TextFiles:
                              f"training batch of {self.batch_size} after holding out {n_eval}")
         self.train = RowBatches(rows_NT[:-n_eval], self.batch_size, self.seed)
         self.eval = RowBatches(rows_NT[-n_eval:], self.eval_batch_size, self.seed)
-
-    def num_batches(self) -> int:
-        return len(self.train)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        return self.train.shuffled(epoch, start)
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        return self.eval.in_order()
-
-    def task_metrics(self, model: Any, device: Any) -> dict[str, float]:
-        return {}                               # free text has no task to score
