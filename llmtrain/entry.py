@@ -105,12 +105,14 @@ def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
 
     With `model.init_from=<path>` the architecture comes from the source (an HF folder's
     config.json or a run's config.yaml) and replaces the model group's values in `cfg`, so the
-    resolved config records what was actually built; then the source's weights are loaded.
+    resolved config records what was actually built; then the source's weights are loaded. Only
+    `model.thinking` (HRPO) is this run's: a thinking module absent from the source starts fresh,
+    one the run does not ask for is dropped (llmtrain.pretrained.load_weights says which).
     """
     init_from = cfg.model.get("init_from")
     if init_from:
         node = source_model_node(init_from)
-        node.init_from = init_from
+        node.init_from, node.thinking = init_from, cfg.model.get("thinking")
         log.info("model.init_from=%s: the architecture and weights come from there", init_from)
         cfg.model = node
     if cfg.model.vocab_size is None:

@@ -8,6 +8,10 @@ per-step or per-rank streams, e.g. GRPO, derive `seed` from (seed, step, rank)).
 EOS; later slots hold `pad_id` and are 0 in the completion mask, whose length comes from the
 `finished` bookkeeping, so `pad_id == eos_id` is fine (SPECS 7.5).
 
+With `thinking` (a llmtrain.thinking_decode.ThinkingDecoder, for a model built with HRPO's thinking
+module) the decode loop is that object's: each new token's input embedding is blended with the
+latent of the distribution it was drawn from until its row emits the answer marker (SPECS 5).
+
 Shape legend: B prompts, P padded prompt length, N new tokens, V vocabulary.
 """
 
@@ -17,9 +21,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from llmtrain.thinking_decode import ThinkingDecoder
 
 
 @dataclass
@@ -34,6 +42,9 @@ class Generation:
             the mask is 0; None unless asked for.
         prompt_ids_BP: The left-padded prompts.
         prompt_mask_BP: 1 for prompt tokens, 0 for the left padding.
+        latents_BND: HRPO only: what each completion token's input was blended with (the thinking
+            module's `source`, float32; see Transformer.forward's `latents_BTD`), else None.
+        thinking_BN: HRPO only: True where that blend was applied, else None.
     """
 
     tokens_BN: Tensor
@@ -41,6 +52,8 @@ class Generation:
     logprobs_BN: Tensor | None
     prompt_ids_BP: Tensor
     prompt_mask_BP: Tensor
+    latents_BND: Tensor | None = None
+    thinking_BN: Tensor | None = None
 
     def completions(self) -> list[list[int]]:
         """Each row's completion ids (EOS included if it ended)."""
@@ -166,10 +179,27 @@ class Sampler:
 
     def __call__(self, logits_BV: Tensor) -> Tensor:
         """Next token per row from the last position's logits."""
+        next_B = sample_token(self._penalised(logits_BV), self.temperature, self.top_k, self.top_p, self.generator)
+        return self._remember(next_B)
+
+    def sample_with_probs(self, logits_BV: Tensor) -> tuple[Tensor, Tensor]:
+        """Next token per row and the distribution it was drawn from (same draws as `__call__`).
+
+        At temperature 0 the token is the argmax and the distribution softmax(z) (temperature 1).
+        """
+        z_BV = self._penalised(logits_BV)
+        if self.temperature == 0:
+            return self._remember(z_BV.argmax(-1)), z_BV.softmax(-1)
+        probs_BV = top_p_filter(top_k_filter(z_BV / self.temperature, self.top_k), self.top_p).softmax(-1)
+        return self._remember(draw(probs_BV, self.generator)), probs_BV
+
+    def _penalised(self, logits_BV: Tensor) -> Tensor:
         z_BV = logits_BV.float()
         if self.seen_BV is not None:
             z_BV = apply_repetition_penalty(z_BV, self.seen_BV, self.repetition_penalty)
-        next_B = sample_token(z_BV, self.temperature, self.top_k, self.top_p, self.generator)
+        return z_BV
+
+    def _remember(self, next_B: Tensor) -> Tensor:
         if self.seen_BV is not None:
             self.seen_BV.scatter_(1, next_B[:, None], True)
         return next_B
@@ -177,7 +207,8 @@ class Sampler:
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             seed: int = 0, return_logprobs: bool = False, device: torch.device | str | None = None) -> Generation:
+             seed: int = 0, return_logprobs: bool = False, device: torch.device | str | None = None,
+             thinking: ThinkingDecoder | None = None) -> Generation:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
 
     Args:
@@ -194,6 +225,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         seed: Seeds the generator of the draws.
         return_logprobs: Also return the sampled tokens' log-probs (see `Generation`).
         device: Where to compute; defaults to the model's parameters' device.
+        thinking: HRPO's latent thinking (llmtrain.thinking_decode); the model must have a
+            `thinking` module. None = plain tokens (also for a model that has one).
 
     Returns:
         A `Generation` of ordinary tensors (usable in a later autograd forward); N < max_new_tokens
@@ -204,12 +237,13 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     ids_BP, mask_BP = left_pad(prompts, pad_id, device)
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty,
                       torch.Generator(device=device).manual_seed(seed))
+    decode = _decode if thinking is None else thinking.decode
     with torch.inference_mode():
-        tokens_BN, mask_BN, logprobs_BN = _decode(model, ids_BP, mask_BP, max_new_tokens, eos_id, pad_id, sampler,
-                                                  return_logprobs)
+        tokens_BN, mask_BN, logprobs_BN, *latents = decode(model, ids_BP, mask_BP, max_new_tokens, eos_id, pad_id,
+                                                           sampler, return_logprobs)
     # Inference-mode tensors cannot enter autograd (an embedding saves its indices): clone out.
-    logprobs_BN = None if logprobs_BN is None else logprobs_BN.clone()
-    return Generation(tokens_BN.clone(), mask_BN.clone(), logprobs_BN, ids_BP, mask_BP)
+    logprobs_BN, *latents = (None if t is None else t.clone() for t in (logprobs_BN, *latents))
+    return Generation(tokens_BN.clone(), mask_BN.clone(), logprobs_BN, ids_BP, mask_BP, *latents)
 
 
 def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
@@ -241,7 +275,7 @@ def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: i
 
 
 def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
-                  device: torch.device | str = "cpu") -> list[list[int]]:
+                  device: torch.device | str = "cpu", thinking: ThinkingDecoder | None = None) -> list[list[int]]:
     """The greedy continuation of each prompt, cut before its first `eos_id` (for eval accuracy).
 
     Args:
@@ -250,11 +284,13 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         max_new_tokens: Most tokens generated per prompt.
         eos_id: Stops a row; not included in its output.
         device: Where the prompts are put (the model's device).
+        thinking: HRPO's latent thinking, as for `generate` (latents from softmax(logits), temperature 1).
 
     Returns:
         One list of new token ids per prompt, in the order of `prompts`.
     """
-    result = generate(model, prompts, max_new_tokens, eos_id, pad_id=eos_id, temperature=0.0, device=device)
+    result = generate(model, prompts, max_new_tokens, eos_id, pad_id=eos_id, temperature=0.0, device=device,
+                      thinking=thinking)
     return [row[:-1] if row and row[-1] == eos_id else row for row in result.completions()]
 
 
@@ -280,6 +316,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """`llmtrain generate <checkpoint-or-run-dir> --prompt ...`: print each completion; 2 on errors."""
     from llmtrain.pretrained import load_checkpoint_model   # hydra and safetensors only for the command
+    from llmtrain.thinking_decode import thinking_decoder    # it imports this module
 
     args = parse_args(argv)
     try:
@@ -293,7 +330,8 @@ def main(argv: Sequence[str]) -> int:
             prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
         result = generate(model, prompts, args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          thinking=thinking_decoder(model, tokenizer))
     except ValueError as error:
         print(f"llmtrain generate: {error}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from safetensors.torch import load_model
 from torch import nn
 
 from llmtrain.hf import io as hf_io
+from llmtrain.hf.common import THINKING_PREFIX
 from llmtrain.rundir import find_checkpoint, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,24 @@ def build(node: DictConfig, **kwargs: Any) -> nn.Module:
 
 
 def load_weights(model: nn.Module, init_from: str | os.PathLike) -> None:
-    """Copy the weights of `init_from` into `model`; every name and shape must match."""
+    """Copy the weights of `init_from` into `model`; every name and shape must match, except HRPO's
+    thinking module (`thinking.*`), which starts fresh when the source lacks it and is dropped when
+    the model lacks it."""
     if hf_io.is_hf_dir(init_from):
         hf_io.load_weights(model, init_from)
+        if getattr(model, "thinking", None) is not None:
+            log.info("model.init_from=%s: the thinking module (HRPO) starts from its initialisation", init_from)
         return
     checkpoint = find_checkpoint(init_from, "model.init_from")
     device = str(next(model.parameters()).device)
     missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False, device=device)
+    fresh, dropped = ([n for n in names if n.startswith(THINKING_PREFIX)] for names in (missing, unexpected))
+    if fresh:
+        log.info("model.init_from=%s has no thinking module: it starts from its initialisation", init_from)
+    if dropped:
+        log.warning("model.init_from=%s has a thinking module (HRPO) that this model does not: its weights are "
+                    "dropped (set model/thinking to keep them)", init_from)
+    missing, unexpected = sorted(set(missing) - set(fresh)), sorted(set(unexpected) - set(dropped))
     if missing or unexpected:
         raise ValueError(f"model.init_from={init_from}: {checkpoint}/model.safetensors does not fit the model: "
                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")

@@ -119,6 +119,17 @@ def test_every_model_builds_on_meta(model, size, tmp_path):
     assert all(p.is_meta for p in net.parameters())
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_every_thinking_option_builds_with_every_model_on_meta(model, tmp_path):
+    assert group_options("model/thinking") == ["hrpo", "hrpo_proj", "none"]
+    for option in group_options("model/thinking"):
+        cfg = compose_cfg(f"model={model}", f"model/thinking={option}", "strategy=grpo", f"paths.output_dir={tmp_path}")
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        with torch.device("meta"):
+            net = build(cfg.model, vocab_size=264)
+        assert (net.thinking is None) == (option == "none")
+
+
 @pytest.mark.parametrize("model, size", MISFITS, ids=["-".join(pair) for pair in MISFITS])
 def test_size_preset_of_another_attention_fails_at_build(model, size, tmp_path):
     cfg = compose_cfg(f"model={model}", f"model/size={size}", f"paths.output_dir={tmp_path}")

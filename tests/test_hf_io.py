@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -111,6 +112,41 @@ def test_unknown_architecture_and_mismatched_tensor_are_named(tmp_path):
     node.ffn.hidden_dim = 128                      # a model that does not fit the checkpoint
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.(gate|up|down)_proj.weight"):
         load_weights(build(node), tmp_path)
+
+
+THINKING = {"_target_": "llmtrain.models.thinking.ProjectedThinkingResidual", "_partial_": True,
+            "r_min": 0.3, "r_max": 0.5}
+
+
+def test_export_refuses_hrpo_thinking_modules_and_drops_them_only_when_asked(tmp_path, caplog):
+    random_qwen2(tmp_path / "qwen2")
+    node = source_model_node(tmp_path / "qwen2")
+    node.thinking = THINKING
+    model = build(node).eval()
+    with pytest.raises(ValueError, match=r"HRPO latent-thinking modules .*gates r and i, Lambda, projection.*"
+                                         r"--drop-thinking"):
+        hf_io.export(model, ByteTokenizer(), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level(logging.WARNING, logger="llmtrain.hf.io"):
+        hf_io.export(model, ByteTokenizer(), tmp_path / "hf", drop_thinking=True)
+    assert "they are dropped; the exported model decodes with plain token embeddings only" in caplog.text
+    ids_BT = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        plain = model(ids_BT)                                   # no latents: the thinking module is unused
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", ids_BT), plain, atol=1e-4, rtol=0)
+
+
+def test_a_model_with_thinking_imports_a_hf_folder_and_keeps_its_fresh_thinking_module(tmp_path):
+    random_qwen2(tmp_path)
+    node = source_model_node(tmp_path)
+    node.thinking = THINKING
+    model = build(node).eval()
+    fresh = {k: v.clone() for k, v in model.thinking.state_dict().items()}
+    load_weights(model, tmp_path)
+    assert all(torch.equal(v, fresh[k]) for k, v in model.thinking.state_dict().items())
+    ids_BT = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids_BT), hf_logits(tmp_path, ids_BT), atol=1e-4, rtol=0)
 
 
 def test_unsupported_config_values_are_named(tmp_path):

@@ -46,6 +46,7 @@ from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_ch
                                      split_examples)
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.generate import greedy_decode
+from llmtrain.thinking_decode import thinking_decoder
 
 # The code each cached part depends on (this file included): editing it renames the entries.
 EXAMPLES_CODE = source_digest(synthetic, data_cache, sys.modules[__name__])
@@ -225,7 +226,8 @@ class BuiltinTask(Splits):
         was_training = model.training
         model.eval()
         try:
-            outputs = greedy_decode(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, device)
+            outputs = greedy_decode(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, device,
+                                    thinking=thinking_decoder(model, self.tokenizer))   # HRPO: as trained
         finally:
             model.train(was_training)
         return [(e, self.tokenizer.decode(ids).strip()) for e, ids in zip(examples, outputs)]

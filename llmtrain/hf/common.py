@@ -10,9 +10,15 @@ from torch import Tensor
 from llmtrain.models.transformer import Transformer
 
 
+# HRPO's thinking module (llmtrain.models.thinking) has no HF counterpart: export refuses it unless
+# asked to drop it (llmtrain.hf.io.export), and an HF import leaves a fresh one as initialised.
+THINKING_PREFIX = "thinking."
+
+
 def untied_state(model: Transformer) -> dict[str, Tensor]:
-    """The model's state dict with a tied lm_head left out (one name per storage, safetensors #98)."""
-    state = model.state_dict()
+    """The model's state dict with a tied lm_head (one name per storage, safetensors #98) and any
+    thinking module left out: the trunk that HF architectures describe."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(THINKING_PREFIX)}
     if model.tie_embeddings:
         del state["lm_head.weight"]          # HF re-ties it on load from tie_word_embeddings
     return state
@@ -40,14 +46,16 @@ def load_renamed(state: dict[str, Tensor], model: Transformer, hf_name: Callable
                  convert: Callable[[str, Tensor], Tensor] = lambda name, tensor: tensor) -> None:
     """Load HF-named `state` into `model`: every model tensor must be there under `hf_name(name)`.
 
-    `convert(our_name, tensor)` undoes any scaling the exporter applied.
+    `convert(our_name, tensor)` undoes any scaling the exporter applied. A thinking module keeps its
+    initialisation (HF has none to load).
     """
     expected = {hf_name(name): (name, tensor.shape) for name, tensor in untied_state(model).items()}
     check_names_and_shapes(state, {hf_key: shape for hf_key, (_, shape) in expected.items()})
     ours = {name: convert(name, state[hf_key]) for hf_key, (name, _) in expected.items()}
     if model.tie_embeddings:
-        ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets strict=True pass
-    model.load_state_dict(ours, strict=True)
+        ours["lm_head.weight"] = ours["embed.weight"]  # the same Parameter; lets the check below pass
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    assert not unexpected and all(name.startswith(THINKING_PREFIX) for name in missing), (missing, unexpected)
 
 
 def base_config(model: Transformer, bos_token_id: int | None, eos_token_id: int | None,

@@ -20,6 +20,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     hf = formats.add_parser("hf", help="Hugging Face transformers folder (config.json, model.safetensors, tokenizer)")
     hf.add_argument("checkpoint", help="a run directory (its checkpoints/latest) or a checkpoints/step_N folder")
     hf.add_argument("out_dir", help="the folder to create; must not exist")
+    hf.add_argument("--drop-thinking", action="store_true",
+                    help="export a model with HRPO thinking modules without them (plain-token decoding); "
+                         "refused otherwise")
     return parser.parse_args(argv)
 
 
@@ -27,10 +30,13 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     try:
         model, tokenizer, _ = load_checkpoint_model(args.checkpoint)
-        out = hf_io.export(model, tokenizer, args.out_dir)
+        out = hf_io.export(model, tokenizer, args.out_dir, drop_thinking=args.drop_thinking)
     except (ValueError, FileExistsError) as error:
         print(f"llmtrain export: {error}", file=sys.stderr)
         return 2
     config = hf_io.read_config(out)
+    if args.drop_thinking and getattr(model, "thinking", None) is not None:
+        print("llmtrain export: warning: the HRPO thinking modules were dropped; the exported model decodes "
+              "with plain token embeddings only", file=sys.stderr)
     print(f"wrote {config['architectures'][0]} to {out}")
     return 0

@@ -14,6 +14,7 @@ tokenizer files. Each architecture family is a module with the same five functio
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from llmtrain.hf import deepseek, llama, qwen2_moe
 from llmtrain.hf.tokenizer import write_tokenizer_files
 
 FAMILIES: tuple[ModuleType, ...] = (llama, qwen2_moe, deepseek)
+log = logging.getLogger(__name__)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -88,15 +90,34 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     family.from_hf_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, model)
 
 
-def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLike) -> Path:
+def check_thinking(model: nn.Module, drop: bool) -> None:
+    """Refuse a model with a thinking module, or (drop=True) warn that it is left out."""
+    thinking = getattr(model, "thinking", None)
+    if thinking is None:
+        return
+    what = (f"this model has HRPO latent-thinking modules ({type(thinking).__name__}: gates r and i, Lambda"
+            f"{', projection' if hasattr(thinking, 'thinking_projection') else ''}), which no Hugging Face "
+            "architecture has")
+    if not drop:
+        raise ValueError(f"{what}; the exported model would decode with plain token embeddings only, not as the "
+                         "hybrid policy was trained. Pass --drop-thinking (export(..., drop_thinking=True)) to "
+                         "export the trunk without them")
+    log.warning("%s: they are dropped; the exported model decodes with plain token embeddings only", what)
+
+
+def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLike,
+           drop_thinking: bool = False) -> Path:
     """Write `model` and `tokenizer` as a HF folder; refuses to replace an existing folder.
 
     The folder is written next to its destination under a temporary name and renamed at the end,
-    so an interrupted export never leaves a half-written model that looks complete.
+    so an interrupted export never leaves a half-written model that looks complete. A model with
+    HRPO's thinking module is refused unless `drop_thinking`: the exported model has no latent
+    blend and decodes with plain token embeddings, i.e. it is not the hybrid policy that was trained.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new folder (nothing is overwritten)")
+    check_thinking(model, drop_thinking)
     family = family_for_model(model)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():

@@ -13,6 +13,10 @@ Generation uses a preallocated KV cache (`new_cache`, then `forward(..., cache=c
 left-padded batches (`attention_mask_BT`); the interface every attention keeps is documented in
 llmtrain/models/kv_cache.py.
 
+An optional `thinking` module (HRPO, llmtrain/models/thinking.py) blends a latent vector into the
+input embedding of the positions marked as thinking (`latents_BTD`, `thinking_BT`); without it,
+or without those arguments, the forward is the plain one.
+
 Shape legend: B batch, T sequence, D model width, V vocabulary.
 """
 
@@ -72,6 +76,8 @@ class Transformer(nn.Module):
         max_seq_len: Longest position the RoPE table covers.
         tie_embeddings: Use the embedding matrix as the output projection (one Parameter).
         init_std: Standard deviation of the normal init; see `init_weights`.
+        thinking: Optional factory called as `thinking(dim=dim)`: HRPO's latent blend of the input
+            embeddings (llmtrain.models.thinking); None = plain token embeddings only.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Transformer(nn.Module):
         max_seq_len: int = 2048,
         tie_embeddings: bool = True,
         init_std: float = 0.02,
+        thinking: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if vocab_size <= 0 or dim <= 0 or n_layers <= 0:
@@ -102,13 +109,17 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(self.layers[0].attn.rope_dim, rope_theta, max_seq_len)
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self.thinking: nn.Module | None = None
         if tie_embeddings:
             # Tied before any optimizer exists, so it sees a single tensor (SPECS 1.6).
             self.lm_head.weight = self.embed.weight
         self.init_weights()
+        if thinking is not None:         # built last, so the trunk's init is the plain model's for the same seed
+            self.thinking = thinking(dim=dim)
 
     def forward(self, ids_BT: Tensor, positions: Tensor | None = None, attention_mask_BT: Tensor | None = None,
-                cache: KVCache | None = None, mask_BTT: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, mask_BTT: Tensor | None = None, latents_BTD: Tensor | None = None,
+                thinking_BT: Tensor | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Next-token logits of the T given tokens.
 
         Args:
@@ -119,9 +130,15 @@ class Transformer(nn.Module):
             cache: From `new_cache`; the layers append to it and attend over everything in it.
             mask_BTT: bool, True = query t may attend to key s: a layout of several sequences in one
                 row (e.g. DPO's prompt + chosen + rejected); give `positions` with it. No cache.
+            latents_BTD: What an HRPO rollout stored per position (the thinking module's `source`:
+                the latent, or the last hidden state it projects); needs `thinking_BT` and a model
+                built with `thinking`.
+            thinking_BT: bool, True = blend this position's embedding with its latent.
+            return_hidden: Also return the final-norm hidden states (what lm_head reads).
 
         Returns:
-            logits_BTV in the model's dtype (callers upcast for the loss if they need to).
+            logits_BTV in the model's dtype (callers upcast for the loss if they need to), and
+            hidden_BTD after it when `return_hidden`.
         """
         T = ids_BT.shape[1]
         past = 0 if cache is None else cache.length
@@ -145,11 +162,20 @@ class Transformer(nn.Module):
             caches = cache.layers
         cos, sin = self.rope(T, default_positions if positions is None else positions)
         x_BTD = self.embed(ids_BT)
+        if latents_BTD is not None:
+            x_BTD = self._think(x_BTD, latents_BTD, thinking_BT)
         for layer, layer_cache in zip(self.layers, caches):
             x_BTD = layer(x_BTD, cos, sin, mask, layer_cache)
         if cache is not None:
             cache.finish_step(T)
-        return self.lm_head(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
+        return (self.lm_head(h_BTD), h_BTD) if return_hidden else self.lm_head(h_BTD)
+
+    def _think(self, e_BTD: Tensor, latents_BTD: Tensor, thinking_BT: Tensor | None) -> Tensor:
+        if self.thinking is None or thinking_BT is None:
+            raise ValueError("latents_BTD needs thinking_BT and a model built with a thinking module "
+                             "(model/thinking=hrpo)")
+        return self.thinking(e_BTD, latents_BTD, thinking_BT)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
@@ -186,6 +212,7 @@ class Transformer(nn.Module):
         | residual outputs `wo`, `w2` of every layer  | normal(0, init_std / sqrt(2 * n_layers))  |
         | every nn.Linear bias                        | zeros                                     |
         | every RMSNorm weight                        | ones                                      |
+        | thinking (HRPO), when present               | its own `reset_parameters` (SPECS 5.2)    |
 
         The residual scaling is GPT-2's (Radford et al. 2019): the 2 * n_layers branches that add
         into the residual stream then sum to the variance of a single unscaled branch, so the
@@ -205,6 +232,8 @@ class Transformer(nn.Module):
                 elif isinstance(module, RMSNorm):
                     nn.init.ones_(module.weight)
         nn.init.ones_(self.norm.weight)
+        if self.thinking is not None:
+            self.thinking.reset_parameters()
 
     def num_params(self) -> int:
         """Number of distinct parameter elements (a tied matrix counts once)."""

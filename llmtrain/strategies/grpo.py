@@ -22,6 +22,11 @@ group std of that reward: 0 means no group carried a learning signal), `rewards/
 reward of each function), `kl` (token-weighted masked mean of k3, only when kl_coef > 0),
 `completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
 tokens whose clipped term is active: ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0).
+
+HRPO (SPECS 5) is this strategy with a model built with a thinking module (model/thinking=hrpo):
+the rollout blends latents into the thinking tokens' inputs and keeps them, the policy's forward
+replays them through the current gates, the reference scores plain tokens, and the metric
+`thinking_fraction` is the share of completion tokens that were blended.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor, nn
 from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.dpo import FrozenReference
 from llmtrain.strategies.rewards import RewardFn, reward_name
-from llmtrain.strategies.rollout import Rollouts, completion_logps
+from llmtrain.strategies.rollout import Rollouts, completion_logps, plain_tokens
 
 
 def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
@@ -121,9 +126,12 @@ class GRPO(Strategy):
                    **{f"rewards/{n}": r.sum() for n, r in zip(self.names, batch["rewards"].unbind(-1))},
                    "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
                    "completion_tokens": mask_BN.sum()}
+        if "thinking_mask" in batch:
+            metrics["thinking_fraction"] = (batch["thinking_mask"] * mask_BN).sum()
         if self.reference is not None:
             with torch.no_grad():
-                ref_logp_BN = completion_logps(self.reference.model, batch, self.temperature)
+                # HRPO: the reference scores the tokens without latents (SPECS 5.4)
+                ref_logp_BN = completion_logps(self.reference.model, plain_tokens(batch), self.temperature)
             # after EOS the two models may disagree without bound: exp would overflow and inf * 0 is NaN
             ref_logp_BN = torch.where(mask_BN.bool(), ref_logp_BN, logp_BN.detach())
             kl_BN = k3(logp_BN, ref_logp_BN)
@@ -142,7 +150,7 @@ class GRPO(Strategy):
         """Window means from the window sums of `loss`'s metrics."""
         completions, tokens = totals.pop("completions"), totals.pop("completion_tokens")
         per_completion = {k: v / completions for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
-        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio") if k in totals}
+        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio", "thinking_fraction") if k in totals}
         return {**totals, **per_completion, **per_token, "completion_length": tokens / completions,
                 "reward_std": totals["reward_std"] / (completions / self.group_size)}
 

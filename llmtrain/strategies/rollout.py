@@ -10,6 +10,9 @@ it into the batch the GRPO loss consumes, with B·G rows (the G copies of a prom
     completion_mask (BG, N)      1 up to and including the first EOS
     rewards         (BG, K)      the raw reward of each of the K reward functions
     old_logp        (BG, N)      the sampled tokens' log-probs at generation time (reused batches only)
+    thinking_latents (BG, N, D)  HRPO only (a model with a `thinking` module): what each completion
+                                 token's input was blended with during sampling (float32, no grad)
+    thinking_mask   (BG, N)      HRPO only: True where it was blended (before the answer marker)
 
 Sampling uses llmtrain.generate (KV cache, temperature only: no top-k/top-p, so the loss's
 log softmax(logits / temperature) is the sampling distribution, SPECS 7.1) in eval mode without
@@ -23,6 +26,11 @@ resume is exact only from a checkpoint whose step is a multiple of mu (a resumed
 buffered rollout samples a fresh one from its own batch). The stored old_logp come from the cached
 decode, which matches the training forward to ~1e-5 in fp32 (tested); under bf16 autocast the two
 round differently, which adds a little noise to the ratios of the reused passes.
+
+HRPO (SPECS 5.4): with a model built with `thinking`, sampling blends latents into the thinking
+tokens' inputs (llmtrain.thinking_decode) and the rollout keeps them; `completion_logps` replays
+them through the current gates (gradients reach the gates, Lambda and a projection, not the stored
+vectors), while the reference scores `plain_tokens(batch)`, the same tokens without the blend.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from torch import Tensor, nn
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.generate import generate
 from llmtrain.strategies.rewards import RewardFn, reward_name
+from llmtrain.thinking_decode import thinking_decoder
+
+THINKING_KEYS = ("thinking_latents", "thinking_mask")
 
 
 def split_prompts(batch: dict[str, Tensor]) -> tuple[list[list[int]], list[list[int]]]:
@@ -61,11 +72,30 @@ def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
-    """log softmax(logits / temperature) of each completion token, (BG, N), float32."""
+    """log softmax(logits / temperature) of each completion token, (BG, N), float32; an HRPO
+    rollout's latents are blended in as during sampling."""
     ids_BT, N = batch["input_ids"], batch["completion_mask"].shape[1]
-    logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1])[:, -N:]
+    logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1],
+                       **replayed_latents(batch))[:, -N:]
     logp_BNV = (logits_BNV.float() / temperature).log_softmax(-1)
     return logp_BNV.gather(-1, ids_BT[:, -N:, None]).squeeze(-1)
+
+
+def replayed_latents(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The forward's `latents_BTD`/`thinking_BT` for the inputs `input_ids[:, :-1]` of an HRPO rollout
+    (prompt positions zero and not blended; the last completion token is no input), else {}."""
+    if "thinking_latents" not in batch:
+        return {}
+    latents_BND, thinking_BN = batch["thinking_latents"], batch["thinking_mask"]
+    P = batch["input_ids"].shape[1] - latents_BND.shape[1]
+    return {"latents_BTD": torch.cat([latents_BND.new_zeros(len(latents_BND), P, latents_BND.shape[2]),
+                                      latents_BND[:, :-1]], 1),
+            "thinking_BT": torch.cat([thinking_BN.new_zeros(len(thinking_BN), P), thinking_BN[:, :-1]], 1)}
+
+
+def plain_tokens(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The batch without HRPO's latents: its tokens scored as plain embeddings (the reference's view)."""
+    return {k: v for k, v in batch.items() if k not in THINKING_KEYS}
 
 
 def stream_seed(seed: int, step: int | None, position: int) -> int:
@@ -125,16 +155,20 @@ class Rollouts:
         try:
             with torch.no_grad():
                 out = generate(model, repeated, self.max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                               temperature=self.temperature, seed=seed, return_logprobs=True)
+                               temperature=self.temperature, seed=seed, return_logprobs=True,
+                               thinking=thinking_decoder(model, self.tokenizer))
         finally:
             model.train(was_training)
         mask_BN = completion_mask(out.tokens_BN, self.tokenizer.eos_id)
         completions = [completion_text(self.tokenizer, row[:n])
                        for row, n in zip(out.tokens_BN.tolist(), mask_BN.sum(-1).tolist())]
-        return {"input_ids": torch.cat([out.prompt_ids_BP, out.tokens_BN], 1),
-                "attention_mask": torch.cat([out.prompt_mask_BP, torch.ones_like(out.tokens_BN)], 1),
-                "completion_mask": mask_BN, "old_logp": out.logprobs_BN * mask_BN,
-                "rewards": self.score(prompts, answers, completions).to(mask_BN.device)}
+        rollout = {"input_ids": torch.cat([out.prompt_ids_BP, out.tokens_BN], 1),
+                   "attention_mask": torch.cat([out.prompt_mask_BP, torch.ones_like(out.tokens_BN)], 1),
+                   "completion_mask": mask_BN, "old_logp": out.logprobs_BN * mask_BN,
+                   "rewards": self.score(prompts, answers, completions).to(mask_BN.device)}
+        if out.latents_BND is not None:
+            rollout |= {"thinking_latents": out.latents_BND, "thinking_mask": out.thinking_BN & mask_BN.bool()}
+        return rollout
 
     def score(self, prompts: list[list[int]], answers: list[list[int]], completions: list[str]) -> Tensor:
         """(BG, K) raw rewards: each function called once on every completion of the rollout."""

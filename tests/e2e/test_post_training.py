@@ -6,7 +6,7 @@ The pre-train -> SFT -> DPO chain itself runs as the README's pipeline block (te
 from __future__ import annotations
 
 import json
-
+import math
 
 import pytest
 import torch
@@ -112,6 +112,62 @@ def test_grpo_through_the_cli_writes_its_metrics(tmp_path):
                for row in samples)
 
 
+def test_hrpo_through_the_cli_logs_finite_metrics_and_its_thinking_fraction(tmp_path):
+    result = run_cli(*SMOKE, "callbacks.progress=null", *GRPO_RUN, "model/thinking=hrpo", "trainer.max_steps=2",
+                     "trainer.eval_every=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    logged = rows(tmp_path)
+    assert len(logged) == 2 and all(GRPO_KEYS | {"thinking_fraction"} <= set(row) for row in logged)
+    assert all(math.isfinite(v) for row in logged for v in row.values() if isinstance(v, float))
+    assert logged[-1]["eval/thinking_fraction"] > 0.5          # a random model rarely writes "<answer>"
+
+
+@pytest.mark.parametrize("thinking_option", ["hrpo", "hrpo_proj"])
+def test_hrpo_in_process_trains_the_thinking_module_at_its_own_lr(thinking_option, tmp_path, monkeypatch):
+    from llmtrain.entry import train
+    from llmtrain.thinking_decode import ThinkingDecoder
+    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+
+    temperatures, decode = set(), ThinkingDecoder.decode        # which decodes think: rollouts (1.0), eval accuracy (0)
+    monkeypatch.setattr(ThinkingDecoder, "decode", lambda self, *args: temperatures.add(args[6].temperature) or
+                        decode(self, *args))
+    metrics, objects = train(compose_cfg(*IN_PROCESS, *GRPO_RUN, f"model/thinking={thinking_option}",
+                                         "trainer.max_steps=3", "trainer.eval_every=3", f"paths.output_dir={tmp_path}"))
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["thinking_fraction"] > 0.5
+    assert temperatures == {0.0, 1.0} and "eval/accuracy" in metrics
+    optimizer = objects["trainer"].optimizer
+    lrs = {name: g["initial_lr"] for g in optimizer.param_groups for name in g["names"]}
+    thinking = [(n, p) for n, p in objects["model"].named_parameters() if n.startswith("thinking.")]
+    assert len(thinking) == (5 if thinking_option == "hrpo" else 7)
+    for name, param in thinking:      # conf/optimizer/adamw.yaml's HRPO groups (SPECS 5.5), and every one trained
+        assert lrs[name] == next(lr for key, lr in (("gate", 1e-4), ("Lambda", 1e-3), ("projection", 1e-4))
+                                 if key in name), name
+        assert float(optimizer.state[param]["exp_avg"].abs().sum()) > 0, name
+
+
+@pytest.fixture(scope="module")
+def hrpo_run(tmp_path_factory):
+    """A one-step HRPO run directory (its checkpoint has the thinking module)."""
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
+
+    run_dir = tmp_path_factory.mktemp("hrpo") / "run"
+    train(compose_cfg(*IN_PROCESS, *GRPO_RUN, "model/thinking=hrpo", "trainer.max_steps=1", "trainer.eval_every=1",
+                      f"paths.output_dir={run_dir}"))
+    return run_dir
+
+
+def test_export_of_an_hrpo_checkpoint_is_refused_unless_the_thinking_modules_are_dropped(hrpo_run, tmp_path,
+                                                                                         capsys):
+    from llmtrain.hf import export
+
+    assert export.main(["hf", str(hrpo_run), str(tmp_path / "hf")]) == 2
+    assert "--drop-thinking" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert export.main(["hf", str(hrpo_run), str(tmp_path / "hf"), "--drop-thinking"]) == 0
+    assert "thinking modules were dropped" in capsys.readouterr().err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
 def test_grpo_on_text_data_fails_at_start_naming_both(tmp_path):
     from llmtrain.entry import train
     from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
@@ -137,3 +193,38 @@ def test_grpo_resume_from_a_sync_and_generation_step_is_bit_exact(tmp_path):
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("thinking_option", ["none", "hrpo_proj"])
+def test_init_from_takes_the_trunk_and_this_runs_thinking_choice(thinking_option, hrpo_run, tmp_path, caplog):
+    """From an HRPO checkpoint: model/thinking=none drops its thinking weights (with a warning); hrpo_proj
+    loads the gates and Lambda, and its projection, absent from the source, starts fresh."""
+    from safetensors.torch import load_file
+
+    from llmtrain.entry import build_model
+    from llmtrain.hardware import Hardware
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(f"model/thinking={thinking_option}", f"model.init_from={hrpo_run}",
+                      f"paths.output_dir={tmp_path}")
+    model = build_model(cfg, Hardware(device="cpu", precision="fp32"), 264)
+    source = load_file(hrpo_run / "checkpoints/latest/model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in source.items() if name in state)
+    if thinking_option == "none":
+        assert model.thinking is None and "its weights are dropped" in caplog.text
+    else:
+        assert {n for n in state if n.startswith("thinking.")} - set(source) == {
+            "thinking.thinking_projection.weight", "thinking.thinking_projection.bias"}
+
+
+def test_llmtrain_generate_decodes_an_hrpo_checkpoint_with_latent_thinking(hrpo_run, capsys, monkeypatch):
+    from llmtrain import generate
+    from llmtrain.thinking_decode import ThinkingDecoder
+
+    calls = []
+    decode = ThinkingDecoder.decode
+    monkeypatch.setattr(ThinkingDecoder, "decode", lambda self, *args: calls.append(self.answer_marker) or
+                        decode(self, *args))
+    assert generate.main([str(hrpo_run), "--prompt", "1+1=", "--max-new-tokens", "4"]) == 0
+    assert calls == ["<answer>"] and capsys.readouterr().out

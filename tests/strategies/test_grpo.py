@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from types import SimpleNamespace
 
@@ -12,21 +13,37 @@ from llmtrain.data.builtin import BuiltinTask
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.thinking import ProjectedThinkingResidual, ThinkingResidual
 from llmtrain.models.transformer import Transformer
 from llmtrain.strategies.dapo import DAPO
 from llmtrain.strategies.dr_grpo import DrGRPO
 from llmtrain.strategies.grpo import GRPO, clipped_objective, group_advantages, k3
 from llmtrain.strategies.rewards import Accuracy, Format, reward_name
-from llmtrain.strategies.rollout import completion_logps, completion_mask, completion_text, split_prompts
+from llmtrain.strategies.rollout import (completion_logps, completion_mask, completion_text, plain_tokens,
+                                         split_prompts)
 
 TOKENIZER = ByteTokenizer()
 EOS, PAD = TOKENIZER.eos_id, TOKENIZER.pad_id
 
 
-def tiny_model(seed: int = 0) -> Transformer:
+def tiny_model(seed: int = 0, thinking=None) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(vocab_size=264, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
-                       n_kv_heads=2), ffn=functools.partial(SwiGLU))
+                       n_kv_heads=2), ffn=functools.partial(SwiGLU), thinking=thinking)
+
+
+def hrpo_model(cls=ThinkingResidual) -> Transformer:
+    """A tiny model with a strong blend (a ~ 0.3-0.7); its answer marker is set by `marked_rollout`."""
+    return tiny_model(thinking=functools.partial(cls, answer_marker="unset", r_min=0.3, r_max=0.5))
+
+
+def marked_rollout(strategy: GRPO, model: Transformer) -> dict[str, torch.Tensor]:
+    """The step-0 rollout of the first prompts batch, with the model's answer marker set to an ASCII
+    character that a first sample of it contains, so that some rows stop thinking."""
+    batch = next(prompts_data().train_batches(0))
+    tokens = copy.deepcopy(strategy).prepare(model, batch, step=0)["input_ids"][:, -strategy.max_new_tokens + 1:]
+    model.thinking.answer_marker = TOKENIZER.decode([next(t for t in tokens.flatten().tolist() if 40 <= t < 120)])
+    return strategy.prepare(model, batch, step=0)
 
 
 @functools.cache
@@ -214,6 +231,37 @@ def test_rollout_logprobs_equal_the_training_forward_and_the_first_pass_ratio_is
     assert reused is stored
     _, parts = strategy.loss(model, reused, strategy.num_items(reused))
     assert float(parts["clip_ratio"]) > 0
+
+
+@pytest.mark.parametrize("cls", [ThinkingResidual, ProjectedThinkingResidual])
+def test_hrpo_rollout_logprobs_equal_the_training_forward_that_replays_its_latents(cls):
+    """SPECS 5.7: log-probs seen while sampling == the loss's forward with the stored latents (fp32, 1e-4)."""
+    strategy, model = grpo(num_iterations=2, temperature=0.7, kl_coef=0.0, group_size=3), hrpo_model(cls)
+    fresh = marked_rollout(strategy, model)
+    stored, mask = strategy.rollouts.buffer[0], fresh["completion_mask"]
+    thinking = fresh["thinking_mask"]
+    assert thinking.any() and not thinking.all() and not (thinking & ~mask.bool()).any()
+    assert fresh["thinking_latents"].shape == (*mask.shape, 32) and not fresh["thinking_latents"].requires_grad
+    with torch.no_grad():
+        logp, plain = (completion_logps(model, b, 0.7) * mask for b in (fresh, plain_tokens(fresh)))
+    torch.testing.assert_close(stored["old_logp"], logp, atol=1e-4, rtol=0)
+    assert float((plain - logp).abs().max()) > 1e-2                       # the latents do change the log-probs
+    loss, _ = strategy.loss(model, fresh, strategy.num_items(fresh))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.thinking.parameters())
+
+
+def test_the_hrpo_reference_scores_plain_tokens():
+    """The KL pulls the hybrid policy toward the plain-token model: at step 0 (same weights) it is > 0."""
+    strategy, model = GRPO(rewards=[distinct_chars], max_new_tokens=6, kl_coef=0.1), hrpo_model()
+    strategy.setup(model, SimpleNamespace(tokenizer=TOKENIZER))           # the reference: a copy of it
+    batch = marked_rollout(strategy, model)
+    _, parts = strategy.loss(model, batch, strategy.num_items(batch))
+    with torch.no_grad():
+        mask = batch["completion_mask"].bool()
+        logp, ref = completion_logps(model, batch, 1.0), completion_logps(model, plain_tokens(batch), 1.0)
+    assert float(parts["kl"]) > 0
+    assert float(parts["kl"]) == pytest.approx(float(k3(logp, ref)[mask].sum()), rel=1e-5)
 
 
 def test_with_two_iterations_every_second_batch_of_prompts_is_used():
