@@ -191,3 +191,17 @@ def test_readme_dpo_benchmark_command_runs_or_names_its_extra():
     else:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "| llmtrain | online reference |" in result.stdout and "| TRL DPOTrainer |" in result.stdout
+
+
+def test_readme_grpo_benchmark_command_runs_or_names_its_extra():
+    """benchmarks/README.md's GRPO command as a --quick smoke run; without TRL it says what to install."""
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    command = re.search(r"`(python benchmarks/grpo_throughput.py)`", readme).group(1)
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:], "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    if importlib.util.find_spec("trl") is None:
+        assert result.returncode != 0 and "pip install -e '.[bench]'" in result.stderr, result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| llmtrain |" in result.stdout and "| TRL GRPOTrainer |" in result.stdout
+        assert "every completion 8 tokens on both sides" in result.stdout
