@@ -45,7 +45,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,7 +69,7 @@ from llmtrain.schedulers import constant
 from llmtrain.strategies.dpo import DPO
 from llmtrain.strategies.seq import IGNORE_INDEX
 from llmtrain.trainer import Trainer
-from train_throughput import SIZES, build_ours   # same folder: the training benchmark's tiny GQA model
+from train_throughput import SIZES, ListData, build_ours, cpu_name   # same folder: the tiny GQA model
 
 LR = 1e-6           # TRL's default DPO learning rate; used on both sides
 BETA = 0.1
@@ -116,23 +116,11 @@ class Pairs:
                                            "rejected": text(self.rejected)})
 
 
-class PreferenceBatches:
+class PreferenceBatches(ListData):
     """The data interface Trainer and FrozenReference need, over prebuilt batches (cf. tests' RowData)."""
 
     def __init__(self, batches: list[dict[str, Tensor]]) -> None:
-        self.batches = [dict(batch) for batch in batches]    # own dicts: add_column must not leak across runs
-
-    def num_batches(self) -> int:
-        return len(self.batches)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        yield from self.batches[start:]
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        yield from self.batches
-
-    def task_metrics(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        return {}
+        super().__init__([dict(batch) for batch in batches])    # own dicts: add_column must not leak across runs
 
     def add_column(self, name: str, fn: Callable[[dict[str, Tensor]], Tensor]) -> None:
         """What DPO(precompute_reference=True) calls in setup: one (2B,) tensor per batch."""
@@ -229,16 +217,6 @@ def check_same_tokens(trainer: trl.DPOTrainer, batches: list[dict[str, Tensor]],
         for ids, completion in ((ids_2T[row], example["chosen_ids"]), (ids_2T[batch + row], example["rejected_ids"])):
             theirs = (example["prompt_ids"] + completion)[:max_length]
             assert theirs == ids.tolist(), f"TRL tokenized pair {i} differently from llmtrain's rows"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

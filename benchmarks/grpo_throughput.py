@@ -53,7 +53,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +79,7 @@ from llmtrain.strategies import rollout as rollout_module
 from llmtrain.strategies.grpo import GRPO
 from llmtrain.strategies.rollout import completion_logps
 from llmtrain.trainer import Trainer
-from train_throughput import SIZES, build_ours   # same folder: the training benchmark's tiny GQA model
+from train_throughput import SIZES, ListData, build_ours, cpu_name   # same folder: the tiny GQA model
 
 LR = 1e-6            # TRL's default GRPO learning rate; used on both sides
 BETAS = (0.9, 0.95)  # llmtrain's AdamW default; TRL gets adam_beta2=0.95
@@ -151,25 +151,10 @@ class Prompts:
                                            "answer": [chr(a) for a in self.answer.tolist()]})
 
 
-class PromptBatches:
+class PromptBatches(ListData):
     """The data interface Trainer and GRPO need, over prebuilt batches (cf. dpo_throughput's PreferenceBatches)."""
 
     tokenizer = NoStopTokenizer()
-
-    def __init__(self, batches: list[dict[str, Tensor]]) -> None:
-        self.batches = batches
-
-    def num_batches(self) -> int:
-        return len(self.batches)
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        yield from self.batches[start:]
-
-    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
-        yield from self.batches
-
-    def task_metrics(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        return {}
 
 
 class Stopwatch:
@@ -309,16 +294,6 @@ def logp_difference(ours: Ours, model: Transformer, trainer: TimedGRPOTrainer, b
             trainer.model, rollout["input_ids"], rollout["attention_mask"], rollout["completion_mask"].shape[1])
         trainer.model.train()
     return float((ours_BN - theirs_BN).abs().max())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

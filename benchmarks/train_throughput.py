@@ -26,8 +26,9 @@ import functools
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,36 @@ def time_alternating(
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class ListData:
+    """The data interface Trainer needs, over a list of prebuilt batches (the DPO and GRPO benchmarks)."""
+
+    def __init__(self, batches: list[dict[str, Tensor]]) -> None:
+        self.batches = batches
+
+    def num_batches(self) -> int:
+        return len(self.batches)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        yield from self.batches[start:]
+
+    def eval_batches(self) -> Iterator[dict[str, Tensor]]:
+        yield from self.batches
+
+    def task_metrics(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return {}
+
+
+def cpu_name() -> str:
+    """The CPU model, for the table's caption (Linux; elsewhere "unknown CPU")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
