@@ -107,10 +107,10 @@ def resumed_changes(run_dir: Path, cfg: Any) -> list[str]:
     final = run_dir / "checkpoints" / "latest" / "config.yaml"
     if not final.is_file():
         return []
-    ended = OmegaConf.to_container(OmegaConf.create(final.read_text()))
-    started = OmegaConf.to_container(cfg)
-    changed = sorted(key for key in _flatten(started).keys() | _flatten(ended).keys()
-                     if key != "resume" and _flatten(started).get(key) != _flatten(ended).get(key))
+    ended = _flatten(OmegaConf.to_container(OmegaConf.create(final.read_text())))
+    started = _flatten(OmegaConf.to_container(cfg))
+    changed = sorted(key for key in started.keys() | ended.keys()
+                     if key != "resume" and started.get(key) != ended.get(key))
     if not changed:
         return []
     return [f"the run was resumed with changed values ({', '.join(changed[:5])}"

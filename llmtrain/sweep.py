@@ -88,16 +88,14 @@ class JobResult(Callback):
         _write_atomic(job_dir / "result.json", json.dumps(result, indent=2) + "\n")
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            with _locked(sweep_dir / ".summary.lock"):
-                write_summary(sweep_dir)
+            rebuild(sweep_dir)
         except Exception as error:        # a summary problem must never turn a finished job into a failure
             log.warning("could not update the sweep summary in %s: %s (rebuild it with `llmtrain summarize %s`)",
                         sweep_dir, error, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        with _locked(sweep_dir / ".summary.lock"):
-            jobs = write_summary(sweep_dir)
+        jobs = rebuild(sweep_dir)
         failed = sum(job.status != "COMPLETED" for job in jobs)
         log.info("sweep of %d job(s)%s: summary in %s (summary.md, summary.csv, summary.png)", len(jobs),
                  f", {failed} not completed" if failed else "", sweep_dir)
@@ -200,6 +198,12 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
         except ValueError:        # a line cut short by a killed job
             continue
+
+
+def rebuild(sweep_dir: Path) -> list[JobSummary]:
+    """write_summary under the sweep's lock (jobs of a parallel launcher end at the same time)."""
+    with _locked(Path(sweep_dir) / ".summary.lock"):
+        return write_summary(sweep_dir)
 
 
 def write_summary(sweep_dir: Path) -> list[JobSummary]:
@@ -319,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir}: no such directory")
-    with _locked(args.sweep_dir / ".summary.lock"):
-        jobs = write_summary(args.sweep_dir)
+    jobs = rebuild(args.sweep_dir)
     if not jobs:
         print(f"{args.sweep_dir}: no job directories (expected <job>/.hydra/overrides.yaml or <job>/result.json)")
         return 1
