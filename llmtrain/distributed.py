@@ -73,10 +73,11 @@ class Distributed(Hardware):
     """
 
     def __init__(self, device: str = "auto", precision: str = "auto", seed: int = 0, compile: bool = False,
-                 activation_checkpointing: bool = False, nprocs: int = 1, timeout_s: float = 600.0) -> None:
+                 activation_checkpointing: bool = False, onednn_linear: bool = True, nprocs: int = 1,
+                 timeout_s: float = 600.0) -> None:
         if nprocs < 1:
             raise ValueError(f"hardware.nprocs={nprocs} must be >= 1")
-        super().__init__(rank_device(device), precision, seed, compile, activation_checkpointing)
+        super().__init__(rank_device(device), precision, seed, compile, activation_checkpointing, onednn_linear)
         init_process_group(self.device, timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import GQACache, causal_mask
+from llmtrain.models.linear import Linear
 from llmtrain.models.rope import apply_rope
 
 
@@ -45,10 +46,10 @@ class GQAttention(nn.Module):
         _check_sizes(dim, n_heads, n_kv_heads, head_dim)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_dim = head_dim  # the transformer builds its RoPE table for this width
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.wq = Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = Linear(n_heads * head_dim, dim, bias=False)
 
     def project(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys after RoPE, and values; kv heads are not repeated.

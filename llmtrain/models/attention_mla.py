@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import causal_mask, check_room
+from llmtrain.models.linear import Linear
 from llmtrain.models.norm import RMSNorm
 from llmtrain.models.rope import apply_rope
 
@@ -96,15 +97,15 @@ class MLAttention(nn.Module):
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.softmax_scale = qk_head_dim**-0.5  # N + R, not V nor C + R, even when absorbed
         if q_lora_rank is None:
-            self.wq = nn.Linear(dim, n_heads * qk_head_dim, bias=False)
+            self.wq = Linear(dim, n_heads * qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
+            self.wq_a = Linear(dim, q_lora_rank, bias=False)
             self.q_norm = RMSNorm(q_lora_rank, norm_eps)
-            self.wq_b = nn.Linear(q_lora_rank, n_heads * qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
+            self.wq_b = Linear(q_lora_rank, n_heads * qk_head_dim, bias=False)
+        self.wkv_a = Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)  # on the latent only, never on the rope key
-        self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+        self.wkv_b = Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = Linear(n_heads * v_head_dim, dim, bias=False)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype,
                   device: torch.device | str | None) -> MLACache:

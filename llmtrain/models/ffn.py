@@ -12,6 +12,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmtrain.models.linear import Linear
+
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
     """MiniMind's 2025 rule: multiple_of * ceil(int(8 * dim / 3) / multiple_of); 512 -> 1408.
@@ -41,9 +43,9 @@ class SwiGLU(nn.Module):
         if hidden_dim <= 0:
             raise ValueError(f"SwiGLU hidden_dim must be positive, got hidden_dim={hidden_dim}")
         self.hidden_dim = hidden_dim
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         """Returns y_BTD."""

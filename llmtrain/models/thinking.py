@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmtrain.models.linear import Linear
+
 
 def latent_from_probs(probs_BV: Tensor, embed_VD: Tensor) -> Tensor:
     """(p @ E) / ||p||_2 per row, float32 (SPECS 5.1): E[x] for a one-hot p, scaled up for a flat one."""
@@ -67,8 +69,8 @@ class ThinkingResidual(nn.Module):
             raise ValueError(f"need 0 < r_min < r_max < 1, c > 0 and a non-empty answer_marker; got r_min={r_min}, "
                              f"r_max={r_max}, c={c}, answer_marker={answer_marker!r}")
         self.answer_marker, self.r_min, self.r_max, self.c = answer_marker, r_min, r_max, c
-        self.thinking_residual_gate_r = nn.Linear(dim, dim)
-        self.thinking_residual_gate_i = nn.Linear(dim, dim)
+        self.thinking_residual_gate_r = Linear(dim, dim)
+        self.thinking_residual_gate_i = Linear(dim, dim)
         self.thinking_residual_Lambda = ThinkingLambda(dim)
         ThinkingResidual.reset_parameters(self)
 
@@ -124,7 +126,7 @@ class ProjectedThinkingResidual(ThinkingResidual):
         if projection_std <= 0:
             raise ValueError(f"projection_std={projection_std} must be > 0")
         self.projection_std = projection_std
-        self.thinking_projection = nn.Linear(dim, dim)
+        self.thinking_projection = Linear(dim, dim)
         self._reset_projection()
 
     def reset_parameters(self) -> None:

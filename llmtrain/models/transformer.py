@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import KVCache, padding_attention_mask
+from llmtrain.models.linear import Linear
 from llmtrain.models.norm import RMSNorm
 from llmtrain.models.rope import RotaryEmbedding
 
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(dim, attention, ffn, norm_eps) for _ in range(n_layers))
         self.rope = RotaryEmbedding(self.layers[0].attn.rope_dim, rope_theta, max_seq_len)
         self.norm = RMSNorm(dim, norm_eps)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self.lm_head = Linear(dim, vocab_size, bias=False)
         self.thinking: nn.Module | None = None
         if tie_embeddings:
             # Tied before any optimizer exists, so it sees a single tensor (SPECS 1.6).
