@@ -4,7 +4,8 @@ Every completion token of the accumulation window weighs the same: the loss is t
 per-token terms divided by the window's completion tokens (counted after the rollouts, which is
 why the loop prepares a whole window before its first forward), so long completions are not
 down-weighted as in GRPO's per-completion mean. Clip-higher (clip_eps_high = 0.28 > clip_eps) is
-a value, not a class. Dynamic sampling and overlong filtering are not implemented.
+a value, not a class, and so is dynamic sampling (`filter_groups`, GRPO's docstring; without
+refill). Overlong filtering is not implemented.
 """
 
 from __future__ import annotations

@@ -17,9 +17,17 @@ and the aggregation. The reference is a frozen copy of the starting policy (none
 kl_coef = 0), overwritten with the policy's weights at every step that is a positive multiple of
 `sync_interval`; it is not checkpointed, so resume is exact from a checkpoint at such a step.
 
+Dynamic sampling (DAPO, `filter_groups=True`): a group whose G rewards are all equal has zero
+advantage everywhere, so it adds only the KL term and dilutes the mean. With the option on, each
+training rollout keeps only the groups whose weighted reward varies before the loss (evaluation
+keeps all); there is no refill, so the loss batch shrinks and the data's batch size is the
+oversampling knob (a micro-batch in which no group varies keeps its first group, whose only
+gradient is the KL's). The reward metrics still describe every sampled completion; `kept_groups`
+is the fraction of groups the loss saw.
+
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
 group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
-reward of each function), `kl` (token-weighted masked mean of k3, only when kl_coef > 0),
+reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked mean of k3, only when kl_coef > 0),
 `completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
 tokens whose clipped term is active: ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0).
 
@@ -74,6 +82,7 @@ class GRPO(Strategy):
         kl_coef: weight of the k3 KL to the reference; 0 builds no reference.
         sync_interval: steps between hard copies policy -> reference (None: never).
         num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
+        filter_groups: DAPO's dynamic sampling without refill: train only on groups whose reward varies.
         seed: base of the sampling seeds.
     """
 
@@ -82,7 +91,7 @@ class GRPO(Strategy):
     def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
                  group_size: int = 4, max_new_tokens: int = 16, temperature: float = 1.0, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, kl_coef: float = 0.01, sync_interval: int | None = 200,
-                 num_iterations: int = 1, seed: int = 0) -> None:
+                 num_iterations: int = 1, filter_groups: bool = False, seed: int = 0) -> None:
         clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         self.names = [reward_name(fn) for fn in rewards]
         weights = [1.0] * len(self.names) if reward_weights is None else [float(w) for w in reward_weights]
@@ -90,7 +99,7 @@ class GRPO(Strategy):
                   sync_interval, num_iterations)
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
-        self.kl_coef, self.sync_interval = kl_coef, sync_interval
+        self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
         self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
         self.reference = FrozenReference(share_prompt=False) if kl_coef > 0 else None
 
@@ -104,7 +113,19 @@ class GRPO(Strategy):
         if self.reference is not None and self.rollouts.position == 0 and step and self.sync_interval \
                 and step % self.sync_interval == 0:
             self.reference.sync(model)               # before the window's first loss: weights after `step` updates
+        if self.filter_groups and step is not None:
+            rollout = self.keep_varied_groups(rollout)
         return rollout
+
+    def keep_varied_groups(self, rollout: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The rollout's rows of the groups whose weighted reward is not constant (at least the first
+        group), plus `sampled_rewards`: the rewards of every sampled completion, for the metrics."""
+        rewards_BG = (rollout["rewards"] @ self.weights_K.to(rollout["rewards"].device)).view(-1, self.group_size)
+        varied_B = (rewards_BG != rewards_BG[:, :1]).any(-1)
+        if not varied_B.any():
+            varied_B[0] = True
+        rows = varied_B.repeat_interleave(self.group_size)
+        return {**{k: v[rows] for k, v in rollout.items()}, "sampled_rewards": rollout["rewards"]}
 
     def samples(self, n: int) -> list[dict[str, object]]:
         """The first `n` completions of the last evaluation (one group: the same prompt G times, then the
@@ -118,14 +139,17 @@ class GRPO(Strategy):
         mask_BN = batch["completion_mask"].float()
         logp_BN = completion_logps(model, batch, self.temperature)
         old_logp_BN = batch["old_logp"] if "old_logp" in batch else logp_BN.detach()
-        reward_B = batch["rewards"] @ self.weights_K.to(mask_BN.device)
+        weights_K = self.weights_K.to(mask_BN.device)
+        reward_B = batch["rewards"] @ weights_K
         advantages_B = self.advantages(reward_B.view(-1, self.group_size)).flatten()
         per_token_BN, clipped_BN = clipped_objective(logp_BN, old_logp_BN, advantages_B, self.clip_low,
                                                      self.clip_high)
-        metrics = {"reward": reward_B.sum(), "reward_std": reward_B.view(-1, self.group_size).std(-1).sum(),
-                   **{f"rewards/{n}": r.sum() for n, r in zip(self.names, batch["rewards"].unbind(-1))},
+        sampled_BK = batch.get("sampled_rewards", batch["rewards"])      # all sampled groups, filtered or not
+        sampled_B = sampled_BK @ weights_K
+        metrics = {"reward": sampled_B.sum(), "reward_std": sampled_B.view(-1, self.group_size).std(-1).sum(),
+                   **{f"rewards/{n}": r.sum() for n, r in zip(self.names, sampled_BK.unbind(-1))},
                    "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
-                   "completion_tokens": mask_BN.sum()}
+                   "sampled": mask_BN.new_tensor(len(sampled_B)), "completion_tokens": mask_BN.sum()}
         if "thinking_mask" in batch:
             metrics["thinking_fraction"] = (batch["thinking_mask"] * mask_BN).sum()
         if self.reference is not None:
@@ -149,10 +173,12 @@ class GRPO(Strategy):
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """Window means from the window sums of `loss`'s metrics."""
         completions, tokens = totals.pop("completions"), totals.pop("completion_tokens")
-        per_completion = {k: v / completions for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
+        sampled = totals.pop("sampled")
+        per_sample = {k: v / sampled for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
         per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio", "thinking_fraction") if k in totals}
-        return {**totals, **per_completion, **per_token, "completion_length": tokens / completions,
-                "reward_std": totals["reward_std"] / (completions / self.group_size)}
+        kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
+        return {**totals, **per_sample, **per_token, **kept, "completion_length": tokens / completions,
+                "reward_std": totals["reward_std"] / (sampled / self.group_size)}
 
 
 def _validate(names: list[str], weights: list[float], group_size: int, max_new_tokens: int, temperature: float,

@@ -324,6 +324,34 @@ def test_a_window_of_two_micro_batches_has_the_gradient_of_one_big_batch(cls):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
 
 
+def test_filter_groups_trains_only_on_varied_groups_and_reports_every_sampled_one():
+    model, strategy = tiny_model(), grpo(kl_coef=0.1, filter_groups=True)
+    big = hand_made_batch()
+    big["rewards"][4:] = 1.0                                   # the second group carries no signal
+    kept = strategy.keep_varied_groups(big)
+    assert torch.equal(kept["input_ids"], big["input_ids"][:4]) and torch.equal(kept["sampled_rewards"], big["rewards"])
+    first_only = {k: v[:4] for k, v in big.items()}
+    want, got = gradients(strategy, model, [first_only]), gradients(strategy, model, [kept])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    loss, parts = strategy.loss(model, kept, num_items=4)
+    metrics = strategy.summarize({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+    assert metrics["kept_groups"] == 0.5 and metrics["reward"] == pytest.approx(float(big["rewards"].mean()))
+    assert metrics["reward_std"] == pytest.approx(float(big["rewards"].view(2, 4).std(-1).mean()))
+    assert metrics["completion_length"] == pytest.approx(float(big["completion_mask"][:4].sum()) / 4)
+    big["rewards"][:] = 0.5                                    # no group varies: the first is kept (KL only)
+    assert torch.equal(strategy.keep_varied_groups(big)["input_ids"], big["input_ids"][:4])
+
+
+def test_filter_groups_leaves_evaluation_rollouts_whole():
+    strategy, model = grpo(filter_groups=True, kl_coef=0.0), tiny_model()
+    batch = next(prompts_data(batch_size=4).train_batches(0))
+    evaluated, trained = strategy.prepare(model, batch, None), strategy.prepare(model, batch, 0)
+    assert len(evaluated["input_ids"]) == 4 * strategy.group_size and "sampled_rewards" not in evaluated
+    assert len(trained["sampled_rewards"]) == 4 * strategy.group_size
+    assert len(trained["input_ids"]) % strategy.group_size == 0 and len(trained["input_ids"]) >= strategy.group_size
+
+
 def test_each_variant_aggregates_by_its_formula():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
