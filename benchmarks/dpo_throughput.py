@@ -62,6 +62,8 @@ except ImportError as error:    # the peer is an optional extra, not a dependenc
 from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.tokenizer import BYTE_OFFSET, ByteTokenizer
 from llmtrain.hardware import Hardware
+
+ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import io as hf_io
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
@@ -144,7 +146,7 @@ def llmtrain_run(model: Transformer, batches: list[dict[str, Tensor]], precomput
     precompute_s = time.perf_counter() - start
     trainer = Trainer(model=model, strategy=strategy, data=data,
                       optimizer=adamw(model.named_parameters(), lr=LR, weight_decay=0.0), scheduler=constant,
-                      hardware=Hardware(device="cpu", precision="fp32"), callbacks=[GradClip(max_norm=1.0)],
+                      hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR), callbacks=[GradClip(max_norm=1.0)],
                       max_steps=10**9)
     model.train()
 
@@ -224,11 +226,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation and mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
     parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--completion-len", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global ONEDNN_LINEAR
+    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

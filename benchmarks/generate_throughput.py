@@ -27,6 +27,7 @@ import transformers
 from torch import Tensor, nn
 
 from llmtrain.generate import generate
+from llmtrain.models.linear import use_onednn
 from llmtrain.models.transformer import Transformer
 from train_throughput import SIZES, build_ours, build_twin   # same folder: the training benchmark's models
 
@@ -113,8 +114,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_onednn(args.onednn_linear == "on")
     transformers.utils.logging.disable_progress_bar()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
           f"batch {args.batch}, {args.prompt_len} prompt tokens, {args.new_tokens} new tokens, sampling")

@@ -71,6 +71,8 @@ from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.data.tokenizer import BYTE_OFFSET, ByteTokenizer
 from llmtrain.hardware import Hardware
+
+ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import io as hf_io
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
@@ -189,7 +191,7 @@ def llmtrain_run(model: Transformer, data: PromptBatches, group: int, new_tokens
     strategy.setup(model, data)                 # the tokenizer for the rollouts; a frozen copy as the reference
     trainer = Trainer(model=model, strategy=strategy, data=data,
                       optimizer=adamw(model.named_parameters(), lr=LR, betas=BETAS, weight_decay=0.0),
-                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32"),
+                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR),
                       callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
     model.train()
     sample = strategy.rollouts.sample = Stopwatch(strategy.rollouts.sample)   # generation: the whole rollout
@@ -301,6 +303,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--completions", type=int, default=4, help="completions per prompt (the group)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -310,6 +314,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.prompts, args.new_tokens = 1, 1, 2, 8
     torch.set_num_threads(args.threads)
+    global ONEDNN_LINEAR
+    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

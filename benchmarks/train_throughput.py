@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.hardware import Hardware
+
+ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import deepseek, llama_config, to_hf_state_dict
 from llmtrain.hf import io as hf_io
 from llmtrain.models.attention_gqa import GQAttention
@@ -119,7 +121,7 @@ def llmtrain_step(model: Transformer) -> Callable[[Tensor], float]:
     """llmtrain's real training step: Trainer.train_step with the SEQ strategy and GradClip."""
     trainer = Trainer(model=model, strategy=NextToken(), data=OneBatch(),
                       optimizer=adamw(model.named_parameters(), lr=1e-4, weight_decay=0.0),
-                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32"),
+                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR),
                       callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
 
     def step(ids_BT: Tensor) -> float:
@@ -246,8 +248,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global ONEDNN_LINEAR
+    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.disable_progress_bar()
     peak = matmul_peak_flops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
