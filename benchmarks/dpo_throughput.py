@@ -62,8 +62,6 @@ except ImportError as error:    # the peer is an optional extra, not a dependenc
 from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.tokenizer import BYTE_OFFSET, ByteTokenizer
 from llmtrain.hardware import Hardware
-
-ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import io as hf_io
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
@@ -71,7 +69,7 @@ from llmtrain.schedulers import constant
 from llmtrain.strategies.dpo import DPO
 from llmtrain.strategies.seq import IGNORE_INDEX
 from llmtrain.trainer import Trainer
-from train_throughput import SIZES, ListData, build_ours, cpu_name   # same folder: the tiny GQA model
+from train_throughput import SIZES, ListData, build_ours, cpu_name, onednn_option   # same folder: tiny GQA model
 
 LR = 1e-6           # TRL's default DPO learning rate; used on both sides
 BETA = 0.1
@@ -137,7 +135,8 @@ class Ours:
     data: PreferenceBatches
 
 
-def llmtrain_run(model: Transformer, batches: list[dict[str, Tensor]], precompute: bool) -> Ours:
+def llmtrain_run(model: Transformer, batches: list[dict[str, Tensor]], precompute: bool,
+                 onednn_linear: bool) -> Ours:
     """llmtrain's real DPO step: Trainer.train_step with DPO(beta=0.1), llmtrain's AdamW, GradClip."""
     strategy = DPO(beta=BETA, precompute_reference=precompute)
     data = PreferenceBatches(batches)
@@ -146,7 +145,8 @@ def llmtrain_run(model: Transformer, batches: list[dict[str, Tensor]], precomput
     precompute_s = time.perf_counter() - start
     trainer = Trainer(model=model, strategy=strategy, data=data,
                       optimizer=adamw(model.named_parameters(), lr=LR, weight_decay=0.0), scheduler=constant,
-                      hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR), callbacks=[GradClip(max_norm=1.0)],
+                      hardware=Hardware(device="cpu", precision="fp32", onednn_linear=onednn_linear),
+                      callbacks=[GradClip(max_norm=1.0)],
                       max_steps=10**9)
     model.train()
 
@@ -226,15 +226,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation and mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
-                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
+    onednn_option(parser)
     parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--completion-len", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global ONEDNN_LINEAR
-    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -252,7 +249,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_io.export(build_ours("gqa", "tiny", size), ByteTokenizer(), Path(tmp) / "hf")
         for mode, precompute in (("online reference", False), ("precomputed reference", True)):
-            ours = llmtrain_run(build_ours("gqa", "tiny", size), batches, precompute)   # seed 0: same weights
+            ours = llmtrain_run(build_ours("gqa", "tiny", size), batches, precompute,   # seed 0: same weights
+                                args.onednn_linear == "on")
             callback = Alternate(ours)
             trainer = trl_trainer(folder, dataset, args.batch, max_length, total, precompute, callback,
                                   Path(tmp) / f"trl-{precompute}")

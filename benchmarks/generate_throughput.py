@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from llmtrain.generate import generate
 from llmtrain.models.linear import use_onednn
 from llmtrain.models.transformer import Transformer
-from train_throughput import SIZES, build_ours, build_twin   # same folder: the training benchmark's models
+from train_throughput import SIZES, build_ours, build_twin, onednn_option   # same folder: the training models
 
 
 KINDS = ("gqa", "mla")
@@ -114,8 +114,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
-                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
+    onednn_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     use_onednn(args.onednn_linear == "on")

@@ -71,8 +71,6 @@ from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.data.tokenizer import BYTE_OFFSET, ByteTokenizer
 from llmtrain.hardware import Hardware
-
-ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import io as hf_io
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
@@ -81,7 +79,7 @@ from llmtrain.strategies import rollout as rollout_module
 from llmtrain.strategies.grpo import GRPO
 from llmtrain.strategies.rollout import completion_logps
 from llmtrain.trainer import Trainer
-from train_throughput import SIZES, ListData, build_ours, cpu_name   # same folder: the tiny GQA model
+from train_throughput import SIZES, ListData, build_ours, cpu_name, onednn_option   # same folder: tiny GQA model
 
 LR = 1e-6            # TRL's default GRPO learning rate; used on both sides
 BETAS = (0.9, 0.95)  # llmtrain's AdamW default; TRL gets adam_beta2=0.95
@@ -184,14 +182,16 @@ class Ours:
     step: Callable[[int], tuple[float, float, float, dict[str, float]]]
 
 
-def llmtrain_run(model: Transformer, data: PromptBatches, group: int, new_tokens: int) -> Ours:
+def llmtrain_run(model: Transformer, data: PromptBatches, group: int, new_tokens: int,
+                 onednn_linear: bool) -> Ours:
     """llmtrain's real GRPO step: Trainer.train_step with GRPO (kl 0.01, no sync), llmtrain's AdamW, GradClip."""
     strategy = GRPO([digits], group_size=group, max_new_tokens=new_tokens, temperature=TEMPERATURE,
                     clip_eps=CLIP_EPS, kl_coef=KL_COEF, sync_interval=None, num_iterations=1, seed=0)
     strategy.setup(model, data)                 # the tokenizer for the rollouts; a frozen copy as the reference
     trainer = Trainer(model=model, strategy=strategy, data=data,
                       optimizer=adamw(model.named_parameters(), lr=LR, betas=BETAS, weight_decay=0.0),
-                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR),
+                      scheduler=constant,
+                      hardware=Hardware(device="cpu", precision="fp32", onednn_linear=onednn_linear),
                       callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
     model.train()
     sample = strategy.rollouts.sample = Stopwatch(strategy.rollouts.sample)   # generation: the whole rollout
@@ -303,8 +303,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
-                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
+    onednn_option(parser)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--completions", type=int, default=4, help="completions per prompt (the group)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -314,8 +313,6 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.prompts, args.new_tokens = 1, 1, 2, 8
     torch.set_num_threads(args.threads)
-    global ONEDNN_LINEAR
-    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -333,7 +330,8 @@ def main() -> None:
         folder = hf_io.export(build_ours("gqa", "tiny", size), ByteTokenizer(), Path(tmp) / "hf")
         model = build_ours("gqa", "tiny", size)                # seed 0: the same weights
         n_params = sum(p.numel() for p in model.parameters())
-        ours = llmtrain_run(model, PromptBatches(batches), args.completions, args.new_tokens)
+        ours = llmtrain_run(model, PromptBatches(batches), args.completions, args.new_tokens,
+                            args.onednn_linear == "on")
         callback = Alternate(ours, args.new_tokens)
         trainer = trl_trainer(folder, dataset, args.prompts, args.completions, args.new_tokens, total, callback,
                               Path(tmp) / "trl")

@@ -38,8 +38,6 @@ from torch import Tensor, nn
 from llmtrain.callbacks.grad_clip import GradClip
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.hardware import Hardware
-
-ONEDNN_LINEAR = True     # --onednn-linear off: llmtrain's linears on torch's default path, like the peer's
 from llmtrain.hf import deepseek, llama_config, to_hf_state_dict
 from llmtrain.hf import io as hf_io
 from llmtrain.models.attention_gqa import GQAttention
@@ -117,11 +115,12 @@ class OneBatch:
         return 1
 
 
-def llmtrain_step(model: Transformer) -> Callable[[Tensor], float]:
+def llmtrain_step(model: Transformer, onednn_linear: bool) -> Callable[[Tensor], float]:
     """llmtrain's real training step: Trainer.train_step with the SEQ strategy and GradClip."""
     trainer = Trainer(model=model, strategy=NextToken(), data=OneBatch(),
                       optimizer=adamw(model.named_parameters(), lr=1e-4, weight_decay=0.0),
-                      scheduler=constant, hardware=Hardware(device="cpu", precision="fp32", onednn_linear=ONEDNN_LINEAR),
+                      scheduler=constant,
+                      hardware=Hardware(device="cpu", precision="fp32", onednn_linear=onednn_linear),
                       callbacks=[GradClip(max_norm=1.0)], max_steps=10**9)
 
     def step(ids_BT: Tensor) -> float:
@@ -181,6 +180,13 @@ class ListData:
         return {}
 
 
+def onednn_option(parser: argparse.ArgumentParser) -> None:
+    """--onednn-linear on|off: llmtrain's fp32 CPU linears on oneDNN (hardware.onednn_linear) or, like the
+    peer's, on aten's default path; running a benchmark both ways attributes that part of the gain."""
+    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                        help="llmtrain's fp32 CPU linears on oneDNN (hardware.onednn_linear); off: aten's default")
+
+
 def cpu_name() -> str:
     """The CPU model, for the table's caption (Linux; elsewhere "unknown CPU")."""
     try:
@@ -220,7 +226,8 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
     return 6 * n_matmul + 6 * attention * seq_len
 
 
-def run_size(kind: str, name: str, size: Size, steps: int, warmup: int, peak: float) -> list[str]:
+def run_size(kind: str, name: str, size: Size, steps: int, warmup: int, peak: float,
+             onednn_linear: bool) -> list[str]:
     ours = build_ours(kind, name, size)
     theirs = build_twin(kind, ours)
     generator = torch.Generator().manual_seed(0)
@@ -228,7 +235,7 @@ def run_size(kind: str, name: str, size: Size, steps: int, warmup: int, peak: fl
         torch.randint(0, size.vocab_size, (size.batch_size, size.seq_len), generator=generator)
         for _ in range(warmup + steps)
     ]
-    steps = {"llmtrain": llmtrain_step(ours.train()), "transformers": hf_step(theirs.train())}
+    steps = {"llmtrain": llmtrain_step(ours.train(), onednn_linear), "transformers": hf_step(theirs.train())}
     seconds = time_alternating(steps, batches, warmup)
     tokens = size.batch_size * size.seq_len
     flops = flops_per_token(ours, size.seq_len)
@@ -248,12 +255,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--onednn-linear", choices=["on", "off"], default="on",
-                        help="llmtrain's fp32 CPU linears through oneDNN (hardware.onednn_linear); off = aten's default")
+    onednn_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global ONEDNN_LINEAR
-    ONEDNN_LINEAR = args.onednn_linear == "on"
     transformers.utils.logging.disable_progress_bar()
     peak = matmul_peak_flops()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
@@ -262,7 +266,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.sizes:
         for kind in args.kinds:
-            print("\n".join(run_size(kind, name, SIZES[name], args.steps, args.warmup, peak)), flush=True)
+            rows = run_size(kind, name, SIZES[name], args.steps, args.warmup, peak, args.onednn_linear == "on")
+            print("\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":

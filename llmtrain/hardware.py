@@ -55,8 +55,8 @@ class Hardware:
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them (less memory, about one more forward of compute).
         onednn_linear: run the model's fp32 CPU linear layers on oneDNN instead of MKL
-            (llmtrain.models.linear: up to 2x faster matmuls on AMD CPUs; the same fp32 math summed in
-            another order); False keeps PyTorch's F.linear. No effect on GPUs or under autocast.
+            (llmtrain.models.linear: about 2x faster matmuls on this project's AMD EPYC VM; the same fp32
+            math summed in another order); False keeps PyTorch's F.linear. No effect on GPUs or under autocast.
     """
 
     rank, world_size, is_rank0 = 0, 1, True

@@ -27,8 +27,8 @@ is the fraction of groups the loss saw.
 
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
 group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
-reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked mean of k3, only when kl_coef > 0),
-`completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
+reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
+mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
 tokens whose clipped term is active: ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0).
 
 HRPO (SPECS 5) is this strategy with a model built with a thinking module (model/thinking=hrpo):
