@@ -1,4 +1,5 @@
-"""llmtrain.models.linear: oneDNN's inner product gives F.linear's values and gradients."""
+"""llmtrain.models.linear: oneDNN's inner product gives F.linear's values and gradients; without
+autograd, the kept transposed (and fused) weights give F.linear's values and follow every weight change."""
 
 import platform
 
@@ -8,7 +9,10 @@ import torch.nn.functional as F
 
 from llmtrain.hardware import Hardware
 from llmtrain.models import linear as onednn
-from llmtrain.models.linear import Linear, linear, onednn_available, use_onednn
+from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.linear import Linear, linear, onednn_available, stacked_weight_t, use_onednn
+from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.rope import RotaryEmbedding
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),
                                   reason=f"no oneDNN inner product on {platform.machine()} in this torch build")
@@ -69,7 +73,8 @@ def test_fp32_cpu_calls_take_the_onednn_path(monkeypatch):
     layer(x).sum().backward()                    # forward, dx and dw: three inner products
     assert len(calls) == 3
     with torch.no_grad():
-        layer(x)                                 # inference: the op itself, no autograd node
+        linear(x, layer.weight, layer.bias)      # no grad: the op itself, no autograd node
+        layer(x)                                 # the layer takes its transposed copy instead
     assert len(calls) == 4
 
 
@@ -101,3 +106,81 @@ def test_hardware_switch_reaches_the_layers():
     layer, x = Linear(16, 8), torch.randn(5, 16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bit for bit: MKL's own result
     assert Hardware(device="cpu", precision="fp32").onednn_linear == onednn_available()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_grad_layer_uses_a_transposed_copy_with_f_linear_values(mode, bias):
+    use_onednn(True)
+    torch.manual_seed(0)
+    layer, x = Linear(48, 40, bias=bias), torch.randn(3, 5, 48)
+    want = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    w_t = layer.__dict__["_stacked_weight_t"][1]
+    assert w_t.shape == (48, 40) and w_t.is_contiguous() and not w_t.is_inference()
+    assert set(layer.state_dict()) == ({"weight", "bias"} if bias else {"weight"})   # not a buffer
+
+
+def test_the_copy_follows_optimizer_steps_and_loads():
+    use_onednn(True)
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(4, 16)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        with torch.no_grad():
+            before = layer(x)
+        layer(x).square().sum().backward()       # grad mode: no copy involved
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.inference_mode():
+            after = layer(x)
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, F.linear(x, layer.weight.detach(), layer.bias.detach()))
+    layer.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.ones(8)})
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.ones(4, 8))
+
+
+def test_grad_mode_and_switched_off_calls_make_no_copy():
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(4, 16, requires_grad=True)
+    use_onednn(True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and "_stacked_weight_t" not in layer.__dict__
+    use_onednn(False)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bit for bit: plain F.linear
+    assert "_stacked_weight_t" not in layer.__dict__
+
+
+def test_stacked_weights_fuse_several_linears_in_order():
+    torch.manual_seed(0)
+    a, b, holder = Linear(16, 8, bias=False), Linear(16, 4, bias=False), torch.nn.Module()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        fused = x @ stacked_weight_t(holder, (a, b))
+        torch.testing.assert_close(fused, torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
+        b.weight.mul_(2)                         # one member changes: the stack is made again
+        torch.testing.assert_close(x @ stacked_weight_t(holder, (a, b)),
+                                   torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
+
+
+@pytest.mark.parametrize("module", ["gqa", "swiglu"])
+def test_fused_no_grad_modules_match_their_autograd_forward(module):
+    use_onednn(True)
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    if module == "gqa":
+        layer = GQAttention(64, n_heads=4, n_kv_heads=2)
+        cos, sin = RotaryEmbedding(16)(6)
+        run = lambda: layer(x, cos, sin)          # noqa: E731
+    else:
+        layer = SwiGLU(64)
+        run = lambda: layer(x)                    # noqa: E731
+    want = run()                                  # grad mode: the three separate linears
+    with torch.no_grad():
+        got = run()
+    assert "_stacked_weight_t" in layer.__dict__  # the fused path ran
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
