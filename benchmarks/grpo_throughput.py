@@ -23,7 +23,9 @@ default and gradient checkpointing default are turned off), no vLLM, no logging,
 
 llmtrain: the real loop, `Trainer.train_step` with `strategies.grpo.GRPO` (its `Rollouts` sample with
 `llmtrain.generate`'s preallocated KV cache), llmtrain's AdamW and the GradClip callback; batches are
-prebuilt tensors in the "prompts" layout. Generation = `Rollouts.sample`: sampling, decoding the
+prebuilt tensors in the "prompts" layout; the policy and reference forwards score each group of 4 as one
+row, its prompt once (`strategy.share_prompt`, on by default; `--share-prompt off` gives TRL's one row
+per completion). Generation = `Rollouts.sample`: sampling, decoding the
 texts, the rewards and the rollout tensors. Training = the rest of the step: reference and policy
 forward, loss, backward, clipping, optimizer step. TRL: `GRPOTrainer.train()`, a step timed by a
 `TrainerCallback` from `on_step_begin` to `on_step_end`; generation = `_generate` (tokenizing the
@@ -183,10 +185,11 @@ class Ours:
 
 
 def llmtrain_run(model: Transformer, data: PromptBatches, group: int, new_tokens: int,
-                 onednn_linear: bool) -> Ours:
+                 onednn_linear: bool, share_prompt: bool) -> Ours:
     """llmtrain's real GRPO step: Trainer.train_step with GRPO (kl 0.01, no sync), llmtrain's AdamW, GradClip."""
     strategy = GRPO([digits], group_size=group, max_new_tokens=new_tokens, temperature=TEMPERATURE,
-                    clip_eps=CLIP_EPS, kl_coef=KL_COEF, sync_interval=None, num_iterations=1, seed=0)
+                    clip_eps=CLIP_EPS, kl_coef=KL_COEF, sync_interval=None, num_iterations=1,
+                    share_prompt=share_prompt, seed=0)
     strategy.setup(model, data)                 # the tokenizer for the rollouts; a frozen copy as the reference
     trainer = Trainer(model=model, strategy=strategy, data=data,
                       optimizer=adamw(model.named_parameters(), lr=LR, betas=BETAS, weight_decay=0.0),
@@ -304,6 +307,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     onednn_option(parser)
+    parser.add_argument("--share-prompt", choices=("on", "off"), default="on",
+                        help="llmtrain scores each group as one row, its prompt once (strategy.share_prompt)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--completions", type=int, default=4, help="completions per prompt (the group)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -331,7 +336,7 @@ def main() -> None:
         model = build_ours("gqa", "tiny", size)                # seed 0: the same weights
         n_params = sum(p.numel() for p in model.parameters())
         ours = llmtrain_run(model, PromptBatches(batches), args.completions, args.new_tokens,
-                            args.onednn_linear == "on")
+                            args.onednn_linear == "on", args.share_prompt == "on")
         callback = Alternate(ours, args.new_tokens)
         trainer = trl_trainer(folder, dataset, args.prompts, args.completions, args.new_tokens, total, callback,
                               Path(tmp) / "trl")
@@ -351,7 +356,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{args.threads} threads, {cpu_name()}; tiny GQA ({n_params / 1e6:.2f}M parameters, vocab 264, dim 128, "
           f"4 layers), fp32; {args.prompts} prompts x {args.completions} completions x {args.new_tokens} new tokens "
-          f"per step ({args.prompt_len}-token prompts), kl coef {KL_COEF}; median of {args.steps} steps after "
+          f"per step ({args.prompt_len}-token prompts), kl coef {KL_COEF}, oneDNN linears {args.onednn_linear}, "
+          f"shared-prompt scoring {args.share_prompt}; median of {args.steps} steps after "
           f"{args.warmup} warm-up, llmtrain and TRL alternating step by step")
     print("| implementation | generation s/step | training s/step | total s/step | speedup vs TRL (total) |")
     print("|---|---|---|---|---|")

@@ -28,8 +28,14 @@ is the fraction of groups the loss saw.
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
 group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
 reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
-mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included), `clip_ratio` (fraction of completion
-tokens whose clipped term is active: ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0).
+mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included),
+`clip_ratio` (fraction of completion tokens whose clipped term is active: ratio < 1 - clip_eps with
+A < 0, or > 1 + clip_eps_high with A > 0).
+
+`share_prompt` (on by default) scores each group as one row, the prompt once and the G completions
+after it, each attending to the prompt and to itself only (llmtrain.strategies.rollout.
+shared_prompt_logits): the policy's and the reference's log-probs are those of one row per
+completion, with G - 1 prompts fewer in every matmul.
 
 HRPO (SPECS 5) is this strategy with a model built with a thinking module (model/thinking=hrpo):
 the rollout blends latents into the thinking tokens' inputs and keeps them, the policy's forward
@@ -83,6 +89,8 @@ class GRPO(Strategy):
         sync_interval: steps between hard copies policy -> reference (None: never).
         num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
         filter_groups: DAPO's dynamic sampling without refill: train only on groups whose reward varies.
+        share_prompt: score each group as one row, its prompt computed once (rollout.shared_prompt_logits;
+            the same log-probs, fewer tokens in every matmul).
         seed: base of the sampling seeds.
     """
 
@@ -91,7 +99,8 @@ class GRPO(Strategy):
     def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
                  group_size: int = 4, max_new_tokens: int = 16, temperature: float = 1.0, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, kl_coef: float = 0.01, sync_interval: int | None = 200,
-                 num_iterations: int = 1, filter_groups: bool = False, seed: int = 0) -> None:
+                 num_iterations: int = 1, filter_groups: bool = False, share_prompt: bool = True,
+                 seed: int = 0) -> None:
         clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         self.names = [reward_name(fn) for fn in rewards]
         weights = [1.0] * len(self.names) if reward_weights is None else [float(w) for w in reward_weights]
@@ -100,6 +109,7 @@ class GRPO(Strategy):
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
         self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
+        self.scored_group = group_size if share_prompt else 1        # rows per forward row in completion_logps
         self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
         self.reference = FrozenReference(share_prompt=False) if kl_coef > 0 else None
 
@@ -137,7 +147,7 @@ class GRPO(Strategy):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
         mask_BN = batch["completion_mask"].float()
-        logp_BN = completion_logps(model, batch, self.temperature)
+        logp_BN = completion_logps(model, batch, self.temperature, self.scored_group)
         old_logp_BN = batch["old_logp"] if "old_logp" in batch else logp_BN.detach()
         weights_K = self.weights_K.to(mask_BN.device)
         reward_B = batch["rewards"] @ weights_K
@@ -155,7 +165,8 @@ class GRPO(Strategy):
         if self.reference is not None:
             with torch.no_grad():
                 # HRPO: the reference scores the tokens without latents (SPECS 5.4)
-                ref_logp_BN = completion_logps(self.reference.model, plain_tokens(batch), self.temperature)
+                ref_logp_BN = completion_logps(self.reference.model, plain_tokens(batch), self.temperature,
+                                               self.scored_group)
             # after EOS the two models may disagree without bound: exp would overflow and inf * 0 is NaN
             ref_logp_BN = torch.where(mask_BN.bool(), ref_logp_BN, logp_BN.detach())
             kl_BN = k3(logp_BN, ref_logp_BN)

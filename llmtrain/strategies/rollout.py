@@ -71,14 +71,60 @@ def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode([i for i in ids if i not in framing], skip_special=False)
 
 
-def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
+def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float, group_size: int = 1) -> Tensor:
     """log softmax(logits / temperature) of each completion token, (BG, N), float32; an HRPO
-    rollout's latents are blended in as during sampling."""
+    rollout's latents are blended in as during sampling. With `group_size` G > 1 (rows in groups of
+    G that share their prompt, as a rollout lays them out) each group is scored as one row
+    (`shared_prompt_logits`): the same log-probs, the prompt computed once instead of G times."""
     ids_BT, N = batch["input_ids"], batch["completion_mask"].shape[1]
-    logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1],
-                       **replayed_latents(batch))[:, -N:]
+    if group_size > 1 and N > 1 and len(ids_BT) % group_size == 0:
+        logits_BNV = shared_prompt_logits(model, batch, group_size)
+    else:
+        logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1],
+                           **replayed_latents(batch))[:, -N:]
     logp_BNV = (logits_BNV.float() / temperature).log_softmax(-1)
     return logp_BNV.gather(-1, ids_BT[:, -N:, None]).squeeze(-1)
+
+
+def shared_prompt_logits(model: nn.Module, batch: dict[str, Tensor], group_size: int) -> Tensor:
+    """The logits that predict each completion token, (BG, N, V), with one row per group of G.
+
+    Group g becomes the row prompt + c_1[:-1] + ... + c_G[:-1] (the completions' inputs: the last
+    token of a completion predicts nothing), P + G (N - 1) tokens against G (P + N - 1). A completion's
+    tokens attend to the prompt's real tokens and causally to their own completion, never to the
+    other completions, and take the positions they have in their own row, so every logit is the
+    one-row-per-completion layout's (tested). Token 0 of every completion is predicted by the last
+    prompt token, whose logits the G completions share. The rows of a group must hold the same
+    prompt (the rollout repeats it; group filtering keeps or drops whole groups).
+    """
+    ids_BT, mask_BT, N = batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1]
+    G, (BG, T), device = group_size, ids_BT.shape, ids_BT.device
+    P, Ng, C = T - N, BG // group_size, group_size * (N - 1)
+    prompt_GP, prompt_mask_GP = ids_BT[::G, :P], mask_BT[::G, :P].bool()
+    ids_GT = torch.cat([prompt_GP, ids_BT[:, P:-1].reshape(Ng, C)], 1)
+    n_real_G1 = prompt_mask_GP.sum(-1, keepdim=True)
+    positions_GT = torch.cat([(prompt_mask_GP.cumsum(-1) - 1).clamp(min=0),
+                              n_real_G1 + torch.arange(N - 1, device=device).repeat(G)], 1)
+    # segment 0: the prompt's real tokens (seen by all); -1: its left padding (seen by none); j: completion j
+    segment_GT = torch.cat([torch.where(prompt_mask_GP, 0, -1),
+                            torch.arange(1, G + 1, device=device).repeat_interleave(N - 1).expand(Ng, C)], 1)
+    L = P + C
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    visible_GLL = (segment_GT[:, None, :] == 0) | (segment_GT[:, None, :] == segment_GT[:, :, None])
+    mask_GLL = causal_LL & visible_GLL & (segment_GT[:, None, :] >= 0)
+    mask_GLL |= torch.eye(L, dtype=torch.bool, device=device)            # a pad query sees itself: no NaN
+    latents = {}
+    if "thinking_latents" in batch:
+        latents_BND, thinking_BN = batch["thinking_latents"], batch["thinking_mask"]
+        D = latents_BND.shape[-1]
+        latents = {"latents_BTD": torch.cat([latents_BND.new_zeros(Ng, P, D),
+                                             latents_BND[:, :-1].reshape(Ng, C, D)], 1),
+                   "thinking_BT": torch.cat([thinking_BN.new_zeros(Ng, P), thinking_BN[:, :-1].reshape(Ng, C)], 1)}
+    logits_GLV = model(ids_GT, positions=positions_GT, mask_BTT=mask_GLL, **latents)
+    # completion j's token k is predicted at P - 1 (k = 0) or at its input k - 1, P + j (N - 1) + k - 1
+    k_N = torch.arange(N, device=device)
+    source_GN = torch.where(k_N == 0, P - 1, P + torch.arange(G, device=device)[:, None] * (N - 1) + k_N - 1)
+    return logits_GLV[:, source_GN.flatten()].reshape(BG, N, -1)
 
 
 def replayed_latents(batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from llmtrain.models.transformer import Transformer
 from llmtrain.strategies.dapo import DAPO
 from llmtrain.strategies.dr_grpo import DrGRPO
 from llmtrain.strategies.grpo import GRPO, clipped_objective, group_advantages, k3
+from llmtrain.strategies import rollout as rollout_module
 from llmtrain.strategies.rewards import Accuracy, Format, reward_name
 from llmtrain.strategies.rollout import (completion_logps, completion_mask, completion_text, plain_tokens,
                                          split_prompts)
@@ -97,7 +98,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits_BTV = torch.nn.Parameter(logits_BTV)
 
-    def forward(self, ids_BT, attention_mask_BT=None):
+    def forward(self, ids_BT, attention_mask_BT=None):    # one row per completion: share_prompt=False
         return self.logits_BTV[:, :ids_BT.shape[1]]
 
 
@@ -109,7 +110,7 @@ def test_loss_and_clip_ratio_equal_the_formula_on_hand_made_logprobs():
     batch = {"input_ids": ids, "attention_mask": torch.ones(B, P + N, dtype=torch.long),
              "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]),
              "rewards": torch.tensor([[1.0], [0.0], [0.0], [3.0]]), "old_logp": -torch.rand(B, N) * 3}
-    strategy = GRPO(rewards=[Accuracy()], group_size=2, temperature=tau, kl_coef=0.0)
+    strategy = GRPO(rewards=[Accuracy()], group_size=2, temperature=tau, kl_coef=0.0, share_prompt=False)
     loss, parts = strategy.loss(model, batch, num_items=B)
     metrics = strategy.summarize({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
     advantages = [1 / (2 ** 0.5 + 1e-4), -1 / (2 ** 0.5 + 1e-4), -1.5 / (4.5 ** 0.5 + 1e-4), 1.5 / (4.5 ** 0.5 + 1e-4)]
@@ -135,7 +136,7 @@ def test_tokens_after_eos_cannot_make_the_loss_or_its_gradient_nan():
     policy.logits_BTV.data[:, 3, 1] = -200.0            # the pad after EOS: exp(ref - policy) overflows
     batch = {"input_ids": torch.tensor([[3, 0, 2, 1, 1]] * 2), "attention_mask": torch.ones(2, 5, dtype=torch.long),
              "completion_mask": torch.tensor([[1, 1, 0], [1, 1, 0]]), "rewards": torch.tensor([[1.0], [0.0]])}
-    strategy = GRPO(rewards=[Accuracy()], group_size=2, kl_coef=0.1)
+    strategy = GRPO(rewards=[Accuracy()], group_size=2, kl_coef=0.1, share_prompt=False)
     strategy.reference = SimpleNamespace(model=reference)
     loss, parts = strategy.loss(policy, batch, num_items=2)
     loss.backward()
@@ -384,3 +385,43 @@ def test_training_raises_a_reward_the_policy_can_reach(cls):
             max_steps=30).fit()
     first, last = (sum(row["reward"] for row in rows) / 5 for rows in (history.rows[:5], history.rows[-5:]))
     assert last > max(5 * first, 0.5), (first, last)          # from ~0.03 at the start
+
+
+@pytest.mark.parametrize("model_kind", ["plain", "hrpo"])
+def test_shared_prompt_scoring_gives_the_per_completion_logprobs_and_gradients(model_kind, monkeypatch):
+    """One row per group (prompt once, completions side by side) == one row per completion, with
+    left-padded prompts of different lengths and, for HRPO, replayed latents."""
+    strategy = grpo(temperature=0.7, kl_coef=0.0, group_size=3)
+    model = tiny_model() if model_kind == "plain" else hrpo_model()
+    batch = strategy.prepare(model, next(prompts_data(batch_size=3).train_batches(0)), step=0) \
+        if model_kind == "plain" else marked_rollout(strategy, model)
+    assert (batch["attention_mask"] == 0).any()                          # some prompts are left-padded
+    mask, rows = batch["completion_mask"], []
+    real = rollout_module.shared_prompt_logits
+    monkeypatch.setattr(rollout_module, "shared_prompt_logits",
+                        lambda m, b, g: rows.append(real(m, b, g).shape) or real(m, b, g))
+    grads = []
+    for group_size in (1, 3):
+        model.zero_grad()
+        logp = completion_logps(model, batch, 0.7, group_size=group_size)
+        (logp * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if group_size == 1:
+            want = logp.detach()
+    assert rows == [(*mask.shape, 264)]                                 # only group_size 3 took it
+    torch.testing.assert_close(logp.detach() * mask, want * mask, atol=1e-5, rtol=0)
+    for got, ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_share_prompt_leaves_the_grpo_loss_and_metrics_unchanged():
+    model = tiny_model()
+    losses = []
+    for share in (True, False):
+        strategy = grpo(temperature=0.7, group_size=3, share_prompt=share)
+        strategy.setup(model, SimpleNamespace(tokenizer=TOKENIZER))      # a reference, so the KL path runs too
+        batch = strategy.prepare(model, next(prompts_data(batch_size=3).train_batches(0)), step=0)
+        loss, parts = strategy.loss(model, batch, strategy.num_items(batch))
+        losses.append((float(loss.detach()), {k: float(v) for k, v in parts.items()}))
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert losses[0][1] == pytest.approx(losses[1][1], abs=1e-5)
