@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from llmtrain.checkpoint import tied_names
 from llmtrain.data.sharded import RankShard
 from llmtrain.hardware import Hardware, best_device
+from llmtrain.models.linear import disable_weight_copies
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -146,6 +147,7 @@ class FSDP(Distributed):
         from torch.distributed.fsdp import fully_shard
 
         model = super().prepare(model)
+        disable_weight_copies(model)   # the gathered weights change behind their version counters
         # Read off now: between a forward and its backward (or after an eval forward) FSDP2 registers
         # the root's gathered parameters, which are neither the optimizer's nor tied to each other.
         self.tied = tied_names(model)

@@ -63,7 +63,7 @@ class GQAttention(nn.Module):
             q_BHTE, k_BKTE, v_BKTE.
         """
         B, T, _ = x_BTD.shape
-        if self.wq.bias is None and copy_eligible(x_BTD, self.wq.weight, self.wk.weight, self.wv.weight):
+        if self.wq.bias is None and copy_eligible(self, x_BTD, self.wq.weight, self.wk.weight, self.wv.weight):
             return self._project_fused(x_BTD, cos, sin)
         q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -50,7 +50,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         """Returns y_BTD."""
-        if copy_eligible(x_BTD, self.w1.weight, self.w3.weight):       # no autograd, CPU: one fused matmul
+        if copy_eligible(self, x_BTD, self.w1.weight, self.w3.weight):       # no autograd, CPU: one fused matmul
             gate_BTF, up_BTF = torch.matmul(x_BTD, stacked_weight_t(self, (self.w1, self.w3))).chunk(2, dim=-1)
             return self.w2(F.silu(gate_BTF).mul_(up_BTF))
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

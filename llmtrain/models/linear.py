@@ -41,7 +41,11 @@ every call is then plain F.linear.
 
 `Linear` is nn.Linear with that forward (same parameters, names, init and state dict: the copy is
 a plain attribute, not a buffer), so every model file, the HF converters and FSDP see an ordinary
-linear layer; a sharded (DTensor) or inference-mode weight never gets a copy.
+linear layer; a sharded (DTensor) or inference-mode weight never gets a copy. A copy is trusted
+while the weight's version counter and storage pointer stay the same, which holds for optimizer
+steps, `load_state_dict` and any in-place op on the parameter, but not for writes that bypass the
+counter (`p.data.copy_(...)`, FSDP2's all-gather into a reused buffer): the FSDP engine calls
+`disable_weight_copies` on its model, and code that writes weights that way should too.
 """
 
 from __future__ import annotations
@@ -123,9 +127,20 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return _inner_product(x, w, b)
 
 
-def copy_eligible(x: Tensor, *weights: Tensor) -> bool:
-    """No autograd, fp32 on CPU, plain weights (not sharded, not inference-mode): x @ w_t applies."""
-    return (_enabled and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+def disable_weight_copies(model: nn.Module) -> None:
+    """Never keep weight copies in `model` (every submodule): for weights whose storage is written
+    behind their version counter, such as FSDP2's, which all-gathers each forward's parameters into
+    a buffer it reuses, so the same pointer and version can hold new values."""
+    for module in model.modules():
+        module.__dict__["_weight_copies"] = False
+        module.__dict__.pop("_stacked_weight_t", None)
+
+
+def copy_eligible(holder: nn.Module, x: Tensor, *weights: Tensor) -> bool:
+    """No autograd, fp32 on CPU, plain weights (not sharded, not inference-mode) and copies allowed on
+    `holder` (see `disable_weight_copies`): x @ w_t applies."""
+    return (_enabled and holder.__dict__.get("_weight_copies", True) and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() >= 2 and all(w.dtype == torch.float32 and w.__class__ in (Tensor, nn.Parameter)
                                      and not w.is_inference() for w in weights)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
@@ -153,7 +168,7 @@ class Linear(nn.Linear):
     kept (in, out) copy of the weight; parameters and state dict unchanged."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if copy_eligible(x, self.weight):
+        if copy_eligible(self, x, self.weight):
             y = torch.matmul(x, stacked_weight_t(self, (self,)))
             return y if self.bias is None else y.add_(self.bias)
         return linear(x, self.weight, self.bias)

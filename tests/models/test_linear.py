@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from llmtrain.hardware import Hardware
 from llmtrain.models import linear as onednn
 from llmtrain.models.ffn import SwiGLU
-from llmtrain.models.linear import Linear, linear, onednn_available, stacked_weight_t, use_onednn
+from llmtrain.models.linear import (Linear, disable_weight_copies, linear, onednn_available, stacked_weight_t,
+                                   use_onednn)
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.rope import RotaryEmbedding
 
@@ -153,6 +154,37 @@ def test_grad_mode_and_switched_off_calls_make_no_copy():
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bit for bit: plain F.linear
     assert "_stacked_weight_t" not in layer.__dict__
+
+
+@pytest.mark.parametrize("module", ["linear", "gqa", "swiglu"])
+def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module):
+    """`.data` writes (and FSDP2's all-gathers) leave version and pointer as they were: a kept copy
+    would be stale, so such models turn the copies off and every call reads the weight itself."""
+    use_onednn(True)
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    if module == "linear":
+        layer = Linear(64, 32)
+        run = lambda: layer(x)                    # noqa: E731
+    elif module == "gqa":
+        layer = GQAttention(64, n_heads=4, n_kv_heads=2)
+        cos, sin = RotaryEmbedding(16)(6)
+        run = lambda: layer(x, cos, sin)          # noqa: E731
+    else:
+        layer = SwiGLU(64)
+        run = lambda: layer(x)                    # noqa: E731
+    with torch.no_grad():
+        run()
+    assert any("_stacked_weight_t" in m.__dict__ for m in layer.modules())   # a copy was kept
+    disable_weight_copies(layer)
+    assert not any("_stacked_weight_t" in m.__dict__ for m in layer.modules())
+    for p in layer.parameters():
+        p.data.copy_(torch.randn_like(p))         # behind the version counter
+    want = run()                                  # grad mode: reads the parameters
+    with torch.no_grad():
+        got = run()
+    assert not any("_stacked_weight_t" in m.__dict__ for m in layer.modules())
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_stacked_weights_fuse_several_linears_in_order():
