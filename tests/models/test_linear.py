@@ -156,23 +156,26 @@ def test_grad_mode_and_switched_off_calls_make_no_copy():
     assert "_stacked_weight_t" not in layer.__dict__
 
 
+def layer_and_call(module: str, x):
+    """A fresh layer of kind `module` ("linear", "gqa" or "swiglu") for x (2, 6, 64) and a call of it."""
+    if module == "linear":
+        layer = Linear(64, 32)
+        return layer, lambda: layer(x)
+    if module == "gqa":
+        layer = GQAttention(64, n_heads=4, n_kv_heads=2)
+        cos, sin = RotaryEmbedding(16)(6)
+        return layer, lambda: layer(x, cos, sin)
+    layer = SwiGLU(64)
+    return layer, lambda: layer(x)
+
+
 @pytest.mark.parametrize("module", ["linear", "gqa", "swiglu"])
 def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module):
     """`.data` writes (and FSDP2's all-gathers) leave version and pointer as they were: a kept copy
     would be stale, so such models turn the copies off and every call reads the weight itself."""
     use_onednn(True)
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 64)
-    if module == "linear":
-        layer = Linear(64, 32)
-        run = lambda: layer(x)                    # noqa: E731
-    elif module == "gqa":
-        layer = GQAttention(64, n_heads=4, n_kv_heads=2)
-        cos, sin = RotaryEmbedding(16)(6)
-        run = lambda: layer(x, cos, sin)          # noqa: E731
-    else:
-        layer = SwiGLU(64)
-        run = lambda: layer(x)                    # noqa: E731
+    layer, run = layer_and_call(module, torch.randn(2, 6, 64))
     with torch.no_grad():
         run()
     assert any("_stacked_weight_t" in m.__dict__ for m in layer.modules())   # a copy was kept
@@ -203,14 +206,7 @@ def test_stacked_weights_fuse_several_linears_in_order():
 def test_fused_no_grad_modules_match_their_autograd_forward(module):
     use_onednn(True)
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 64)
-    if module == "gqa":
-        layer = GQAttention(64, n_heads=4, n_kv_heads=2)
-        cos, sin = RotaryEmbedding(16)(6)
-        run = lambda: layer(x, cos, sin)          # noqa: E731
-    else:
-        layer = SwiGLU(64)
-        run = lambda: layer(x)                    # noqa: E731
+    layer, run = layer_and_call(module, torch.randn(2, 6, 64))
     want = run()                                  # grad mode: the three separate linears
     with torch.no_grad():
         got = run()
