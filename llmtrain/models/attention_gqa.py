@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import GQACache, causal_mask
-from llmtrain.models.linear import Linear, copy_eligible, stacked_weight_t
+from llmtrain.models.linear import Linear, kept_weight_t
 from llmtrain.models.rope import apply_rope
 
 
@@ -63,19 +63,22 @@ class GQAttention(nn.Module):
             q_BHTE, k_BKTE, v_BKTE.
         """
         B, T, _ = x_BTD.shape
-        if self.wq.bias is None and copy_eligible(self, x_BTD, self.wq.weight, self.wk.weight, self.wv.weight):
-            return self._project_fused(x_BTD, cos, sin)
+        if self.wq.bias is None:
+            qkv_DC = kept_weight_t(self, x_BTD, (self.wq, self.wk, self.wv))
+            if qkv_DC is not None:
+                return self._project_fused(x_BTD, qkv_DC, cos, sin)
         q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q_BHTE, cos, sin), apply_rope(k_BKTE, cos, sin), v_BKTE
 
-    def _project_fused(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`project` without autograd on CPU (llmtrain.models.linear): one matmul for q, k and v, one
-        RoPE call for q and k together; a decode step of the tiny model makes 8 calls fewer per layer."""
+    def _project_fused(self, x_BTD: Tensor, qkv_DC: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`project` without autograd on CPU (llmtrain.models.linear): one matmul for q, k and v on their
+        kept stacked weight `qkv_DC`, one RoPE call for q and k together; a decode step of the tiny
+        model makes 8 calls fewer per layer."""
         B, T, _ = x_BTD.shape
         H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv_BTC = torch.matmul(x_BTD, stacked_weight_t(self, (self.wq, self.wk, self.wv)))
+        qkv_BTC = torch.matmul(x_BTD, qkv_DC)
         qk_BNTE = apply_rope(qkv_BTC[..., :(H + K) * E].view(B, T, H + K, E).transpose(1, 2), cos, sin)
         v_BKTE = qkv_BTC[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
         return qk_BNTE[:, :H], qk_BNTE[:, H:], v_BKTE

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmtrain.models.linear import Linear, copy_eligible, stacked_weight_t
+from llmtrain.models.linear import Linear, kept_weight_t
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
@@ -50,7 +50,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         """Returns y_BTD."""
-        if copy_eligible(self, x_BTD, self.w1.weight, self.w3.weight):       # no autograd, CPU: one fused matmul
-            gate_BTF, up_BTF = torch.matmul(x_BTD, stacked_weight_t(self, (self.w1, self.w3))).chunk(2, dim=-1)
+        gate_up_DF = kept_weight_t(self, x_BTD, (self.w1, self.w3))      # no autograd, CPU: one fused matmul
+        if gate_up_DF is not None:
+            gate_BTF, up_BTF = torch.matmul(x_BTD, gate_up_DF).chunk(2, dim=-1)
             return self.w2(F.silu(gate_BTF).mul_(up_BTF))
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

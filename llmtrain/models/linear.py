@@ -32,7 +32,7 @@ AVX-512, 2 threads) a 16-row decode matmul ran 1.5-2.4x faster than F.linear's "
 The price is one more copy of the weights in memory while a model is used without grad, and one
 transpose per weight update before the next no-grad call (one pass over the weights, the cost of
 a single decode step). Modules whose linears share an input fuse them the same way
-(`stacked_weight_t`: GQA's q, k and v, SwiGLU's gate and up), one matmul instead of two or three.
+(`kept_weight_t`: GQA's q, k and v, SwiGLU's gate and up), one matmul instead of two or three.
 With autograd on, a copy could not carry the gradient, so training keeps
 the two paths above.
 
@@ -136,30 +136,41 @@ def disable_weight_copies(model: nn.Module) -> None:
         module.__dict__.pop("_stacked_weight_t", None)
 
 
-def copy_eligible(holder: nn.Module, x: Tensor, *weights: Tensor) -> bool:
-    """No autograd, fp32 on CPU, plain weights (not sharded, not inference-mode) and copies allowed on
-    `holder` (see `disable_weight_copies`): x @ w_t applies."""
-    return (_enabled and holder.__dict__.get("_weight_copies", True) and not torch.is_grad_enabled()
-            and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() >= 2 and all(w.dtype == torch.float32 and w.__class__ in (Tensor, nn.Parameter)
-                                     and not w.is_inference() for w in weights)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
 
 
-def stacked_weight_t(holder: nn.Module, linears: Sequence[nn.Linear]) -> Tensor:
-    """The weights of `linears` side by side as one contiguous (in, sum of outs) tensor, kept on
-    `holder` (a plain attribute) and made again when any of them changed since.
+def kept_weight_t(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear]) -> Tensor | None:
+    """The weights of `linears` side by side as one contiguous (in, sum of outs) tensor kept on
+    `holder`, for `x @ kept`; None where that path does not apply and the caller runs its plain one.
 
-    One linear gives its transposed weight; several sharing an input (q, k, v; SwiGLU's gate and up)
-    give one fused matmul, `x @ stacked` = the outputs concatenated in the order of `linears`.
+    It applies without autograd, for fp32 CPU input and plain fp32 weights (not sharded, not
+    inference-mode), outside autocast and torch.compile, and while copies are allowed on `holder`
+    (see `disable_weight_copies`). One linear gives its transposed weight; several sharing an input
+    (q, k, v; SwiGLU's gate and up) give one fused matmul, `x @ kept` = their outputs concatenated
+    in the order of `linears`. The copy is a plain attribute of `holder`, made again when any
+    weight's version counter or storage moved since.
+
+    This runs once per module per decode step, so it reads each weight once from `_parameters` (a
+    module attribute lookup costs about 1 us) and checks the cheap process-wide conditions first:
+    about 4.6 us per fused gate/up call on 2 threads of a Sapphire Rapids VM, against 9.1 us for
+    separate eligibility and lookup functions that each read `linear.weight`.
     """
-    weights = [linear.weight for linear in linears]
-    key = tuple((w._version, w.data_ptr()) for w in weights)
-    kept = holder.__dict__.get("_stacked_weight_t")
+    if (not _enabled or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+            or x.dim() < 2 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        return None
+    state = holder.__dict__
+    if not state.get("_weight_copies", True):
+        return None
+    weights = [linear._parameters["weight"] for linear in linears]
+    for w in weights:
+        if w.__class__ not in _PLAIN_TENSORS or w.dtype != torch.float32 or w.is_inference():
+            return None
+    key = [(w._version, w.data_ptr()) for w in weights]
+    kept = state.get("_stacked_weight_t")
     if kept is None or kept[0] != key:
         with torch.inference_mode(False):        # a normal tensor, usable later under no_grad too
             kept = (key, torch.cat([w.detach().t() for w in weights], dim=1).contiguous())
-        holder.__dict__["_stacked_weight_t"] = kept
+        state["_stacked_weight_t"] = kept
     return kept[1]
 
 
@@ -168,7 +179,8 @@ class Linear(nn.Linear):
     kept (in, out) copy of the weight; parameters and state dict unchanged."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if copy_eligible(self, x, self.weight):
-            y = torch.matmul(x, stacked_weight_t(self, (self,)))
+        w_t = kept_weight_t(self, x, (self,))
+        if w_t is not None:
+            y = torch.matmul(x, w_t)
             return y if self.bias is None else y.add_(self.bias)
         return linear(x, self.weight, self.bias)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llmtrain.hardware import Hardware
 from llmtrain.models import linear as onednn
 from llmtrain.models.ffn import SwiGLU
-from llmtrain.models.linear import (Linear, disable_weight_copies, linear, onednn_available, stacked_weight_t,
+from llmtrain.models.linear import (Linear, disable_weight_copies, kept_weight_t, linear, onednn_available,
                                    use_onednn)
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.rope import RotaryEmbedding
@@ -191,14 +191,15 @@ def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module):
 
 
 def test_stacked_weights_fuse_several_linears_in_order():
+    use_onednn(True)
     torch.manual_seed(0)
     a, b, holder = Linear(16, 8, bias=False), Linear(16, 4, bias=False), torch.nn.Module()
     x = torch.randn(3, 16)
     with torch.no_grad():
-        fused = x @ stacked_weight_t(holder, (a, b))
+        fused = x @ kept_weight_t(holder, x, (a, b))
         torch.testing.assert_close(fused, torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
         b.weight.mul_(2)                         # one member changes: the stack is made again
-        torch.testing.assert_close(x @ stacked_weight_t(holder, (a, b)),
+        torch.testing.assert_close(x @ kept_weight_t(holder, x, (a, b)),
                                    torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
 
 
