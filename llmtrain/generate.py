@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from llmtrain.models.kv_cache import KVCache
+
 if TYPE_CHECKING:
     from llmtrain.thinking_decode import ThinkingDecoder
 
@@ -208,7 +210,7 @@ class Sampler:
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              seed: int = 0, return_logprobs: bool = False, device: torch.device | str | None = None,
-             thinking: ThinkingDecoder | None = None) -> Generation:
+             thinking: ThinkingDecoder | None = None, num_samples: int = 1) -> Generation:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
 
     Args:
@@ -227,36 +229,67 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         device: Where to compute; defaults to the model's parameters' device.
         thinking: HRPO's latent thinking (llmtrain.thinking_decode); the model must have a
             `thinking` module. None = plain tokens (also for a model that has one).
+        num_samples: Completions per prompt (GRPO's group), rows b*n .. b*n+n-1 for prompt b. Each
+            prompt is prefilled once and its cache copied n times (`prefill`), which gives the
+            tokens of passing every prompt n times, without n times the prompt forward.
 
     Returns:
-        A `Generation` of ordinary tensors (usable in a later autograd forward); N < max_new_tokens
-        when every row ended early.
+        A `Generation` of ordinary tensors (usable in a later autograd forward) with
+        len(prompts) * num_samples rows; N < max_new_tokens when every row ended early.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
     device = next(model.parameters()).device if device is None else torch.device(device)
     ids_BP, mask_BP = left_pad(prompts, pad_id, device)
     sampler = Sampler(temperature, top_k, top_p, repetition_penalty,
                       torch.Generator(device=device).manual_seed(seed))
     decode = _decode if thinking is None else thinking.decode
     with torch.inference_mode():
-        tokens_BN, mask_BN, logprobs_BN, *latents = decode(model, ids_BP, mask_BP, max_new_tokens, eos_id, pad_id,
-                                                           sampler, return_logprobs)
+        tokens_BN, mask_BN, logprobs_BN, *latents = decode(model, ids_BP, mask_BP, num_samples, max_new_tokens,
+                                                           eos_id, pad_id, sampler, return_logprobs)
     # Inference-mode tensors cannot enter autograd (an embedding saves its indices): clone out.
     logprobs_BN, *latents = (None if t is None else t.clone() for t in (logprobs_BN, *latents))
+    ids_BP, mask_BP = (t.repeat_interleave(num_samples, 0) for t in (ids_BP, mask_BP))
     return Generation(tokens_BN.clone(), mask_BN.clone(), logprobs_BN, ids_BP, mask_BP, *latents)
 
 
-def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
-            sampler: Sampler, return_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Prefill once, then one cached forward per new token; returns tokens_BN, mask_BN, logprobs_BN."""
-    (B, P), device = ids_BP.shape, ids_BP.device
+def prefill(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
+            return_hidden: bool = False) -> tuple[KVCache, Tensor, Tensor, Tensor, Tensor | None]:
+    """The prompts' forward into a new cache, each row then copied `num_samples` times.
+
+    Copies of a row are contiguous (prompt b -> rows b*n .. b*n+n-1); the cache has room for
+    `max_new_tokens` more tokens. A group of n samples of one prompt needs its prompt's keys once.
+    A one-token `generate` of the GRPO benchmark (8 prompts x 4 samples, 32 tokens, tiny GQA, 2 threads)
+    takes 5.6 ms this way against 13.8 ms for the 32 repeated prompts.
+
+    Returns:
+        The cache; the prompts and their mask repeated (B n, P), for the sampler's repetition
+        penalty; the last position's logits (B n, V) and, with `return_hidden`, its final hidden
+        states (B n, D), else None.
+    """
+    B, P = ids_BP.shape
+    cache = model.new_cache(B, P + max_new_tokens, device=ids_BP.device)
+    out = model(ids_BP, attention_mask_BT=mask_BP, cache=cache, **({"return_hidden": True} if return_hidden else {}))
+    logits_BV, hidden_BD = (out[0][:, -1], out[1][:, -1]) if return_hidden else (out[:, -1], None)
+    if num_samples > 1:
+        cache.repeat_rows_(num_samples)
+        ids_BP, mask_BP, logits_BV, hidden_BD = (None if t is None else t.repeat_interleave(num_samples, 0)
+                                                 for t in (ids_BP, mask_BP, logits_BV, hidden_BD))
+    return cache, ids_BP, mask_BP, logits_BV, hidden_BD
+
+
+def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
+            eos_id: int, pad_id: int, sampler: Sampler, return_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Prefill once, then one cached forward per new token; returns tokens_BN, mask_BN, logprobs_BN
+    (B = prompts x num_samples rows)."""
+    B, device = ids_BP.shape[0] * num_samples, ids_BP.device
     tokens_BN = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask_BN = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     logprobs_BN = torch.zeros((B, max_new_tokens), device=device) if return_logprobs else None
     if max_new_tokens == 0:
         return tokens_BN, mask_BN, logprobs_BN
-    cache = model.new_cache(B, P + max_new_tokens, device=device)
-    logits_BV = model(ids_BP, attention_mask_BT=mask_BP, cache=cache)[:, -1]
+    cache, ids_BP, mask_BP, logits_BV, _ = prefill(model, ids_BP, mask_BP, num_samples, max_new_tokens)
     sampler.start(ids_BP, mask_BP, logits_BV.shape[-1])
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
     for n in range(max_new_tokens):

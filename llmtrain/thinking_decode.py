@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmtrain.generate import Sampler, token_logprobs
+from llmtrain.generate import Sampler, prefill, token_logprobs
 
 
 class AnswerWatch:
@@ -74,11 +74,12 @@ class ThinkingDecoder:
     def __init__(self, answer_marker: str, decode: Callable[[Sequence[int]], str]) -> None:
         self.answer_marker, self.decode_text = answer_marker, decode
 
-    def decode(self, model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: int, eos_id: int,
-               pad_id: int, sampler: Sampler, return_logprobs: bool
+    def decode(self, model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
+               eos_id: int, pad_id: int, sampler: Sampler, return_logprobs: bool
                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-        """Prefill, then one cached forward per token; tokens, mask, logprobs, latents_BND, thinking_BN."""
-        (B, P), device, N = ids_BP.shape, ids_BP.device, max_new_tokens
+        """Prefill, then one cached forward per token; tokens, mask, logprobs, latents_BND, thinking_BN
+        (B = prompts x num_samples rows, as llmtrain.generate.prefill lays them out)."""
+        B, device, N = ids_BP.shape[0] * num_samples, ids_BP.device, max_new_tokens
         tokens_BN = torch.full((B, N), pad_id, dtype=torch.long, device=device)
         mask_BN = torch.zeros((B, N), dtype=torch.long, device=device)
         logprobs_BN = torch.zeros((B, N), device=device) if return_logprobs else None
@@ -86,9 +87,8 @@ class ThinkingDecoder:
         thinking_BN = torch.zeros((B, N), dtype=torch.bool, device=device)
         if N == 0:
             return tokens_BN, mask_BN, logprobs_BN, latents_BND, thinking_BN
-        cache = model.new_cache(B, P + N, device=device)
-        logits_BTV, hidden_BTD = model(ids_BP, attention_mask_BT=mask_BP, cache=cache, return_hidden=True)
-        logits_BV, hidden_BD = logits_BTV[:, -1], hidden_BTD[:, -1]
+        cache, ids_BP, mask_BP, logits_BV, hidden_BD = prefill(model, ids_BP, mask_BP, num_samples, N,
+                                                               return_hidden=True)
         sampler.start(ids_BP, mask_BP, logits_BV.shape[-1])
         watch, finished_B = AnswerWatch(self.answer_marker, self.decode_text, B), torch.zeros_like(thinking_BN[:, 0])
         for n in range(N):

@@ -7,9 +7,10 @@ import functools
 import pytest
 import torch
 
-from llmtrain.generate import (apply_repetition_penalty, generate, greedy_decode, sample_token, top_k_filter,
-                               top_p_filter)
+from llmtrain.generate import (apply_repetition_penalty, generate, greedy_decode, left_pad, sample_token,
+                               top_k_filter, top_p_filter)
 from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
 
@@ -179,3 +180,50 @@ def test_bad_sampling_arguments_name_the_values(kwargs):
     args = dict(max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate(tiny(), [[1, 2]], eos_id=-1, pad_id=0, **args)
+
+
+# --- num_samples: one prefill per prompt, its cache copied (GRPO's groups) -----------------------
+
+
+def tiny_mla() -> Transformer:
+    torch.manual_seed(0)
+    attention = functools.partial(MLAttention, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                  v_head_dim=8)
+    return Transformer(vocab_size=64, dim=32, n_layers=2, attention=attention,
+                       ffn=functools.partial(SwiGLU, hidden_dim=48), rope_theta=1e4, max_seq_len=128).eval()
+
+
+@pytest.mark.parametrize("build", [tiny, tiny_mla], ids=["gqa", "mla"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=20, seed=5),
+                                      dict(temperature=1.0, repetition_penalty=1.3, seed=2)])
+def test_num_samples_gives_the_rows_of_each_prompt_passed_n_times(build, sampling):
+    model, prompts = build(), mixed_prompts()
+    shared = generate(model, prompts, 12, eos_id=5, pad_id=0, return_logprobs=True, num_samples=3, **sampling)
+    repeated = generate(model, [p for p in prompts for _ in range(3)], 12, eos_id=5, pad_id=0,
+                        return_logprobs=True, **sampling)
+    assert shared.tokens_BN.shape[0] == 12
+    for name in ("tokens_BN", "mask_BN", "prompt_ids_BP", "prompt_mask_BP"):
+        assert torch.equal(getattr(shared, name), getattr(repeated, name)), name
+    torch.testing.assert_close(shared.logprobs_BN, repeated.logprobs_BN, atol=1e-5, rtol=1e-5)
+    if sampling["temperature"] > 0:     # the copies of a prompt are sampled independently
+        assert len({tuple(r) for r in shared.tokens_BN[:3].tolist()}) > 1
+
+
+def test_repeat_rows_copies_every_layer_and_the_padding_history_contiguously():
+    model, prompts = tiny(), mixed_prompts()
+    ids_BP, mask_BP = left_pad(prompts, 0, torch.device("cpu"))
+    cache = model.new_cache(4, 20)
+    with torch.no_grad():
+        model(ids_BP, attention_mask_BT=mask_BP, cache=cache)
+    k_before = cache.layers[1].k_BKSE.clone()
+    cache.repeat_rows_(2)
+    assert cache.layers[1].k_BKSE.shape[0] == 8 and cache.length == 13
+    assert torch.equal(cache.layers[1].k_BKSE[4:6], k_before[[2, 2]])
+    assert torch.equal(cache.key_mask_BS[::2], cache.key_mask_BS[1::2])
+    assert cache.n_real_B.tolist() == [3, 3, 5, 5, 8, 8, 13, 13]
+
+
+@pytest.mark.parametrize("n", [0, -2])
+def test_num_samples_below_one_is_refused(n):
+    with pytest.raises(ValueError, match=f"num_samples={n}"):
+        generate(tiny(), [[1, 2]], 4, eos_id=-1, pad_id=0, num_samples=n)

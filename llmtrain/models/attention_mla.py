@@ -58,6 +58,10 @@ class MLACache:
         self.length = end
         return self.latent_BSC[:, :end], self.rope_BSR[:, :end]
 
+    def repeat_rows_(self, n: int) -> None:
+        """Each row becomes n contiguous copies of itself (the interface of llmtrain/models/kv_cache.py)."""
+        self.latent_BSC, self.rope_BSR = (t.repeat_interleave(n, 0) for t in (self.latent_BSC, self.rope_BSR))
+
 
 class MLAttention(nn.Module):
     """Causal multi-head latent attention with decoupled RoPE.

@@ -17,6 +17,9 @@ Interface contract (GQA and MLA both keep it; the Transformer relies on nothing 
     attends over [0, cache.length + T), then advances `cache.length` by T.
   * without a cache (training) the is_causal SDPA fast path is unchanged.
   * overflowing the cache raises ValueError (`check_room`), not an index error.
+- `cache.repeat_rows_(n)`: every row becomes n contiguous copies of itself (row b -> rows
+  b*n .. b*n+n-1), in place; generation prefills each distinct prompt once, then samples n
+  completions of it (`generate(..., num_samples=n)`).
 - `Block.forward(x, cos, sin, mask=None, cache=None)` passes both through.
 - `Transformer.new_cache(batch_size, max_len, dtype=None, device=None) -> KVCache` (this file):
   one cache per layer plus the key padding mask (B, max_len) of every token written so far.
@@ -87,6 +90,10 @@ class GQACache:
         self.length = end
         return self.k_BKSE[:, :, :end], self.v_BKSE[:, :, :end]
 
+    def repeat_rows_(self, n: int) -> None:
+        """Each row becomes n contiguous copies of itself (see the interface contract above)."""
+        self.k_BKSE, self.v_BKSE = (t.repeat_interleave(n, 0) for t in (self.k_BKSE, self.v_BKSE))
+
 
 class KVCache:
     """The whole model's cache: one cache per layer plus the key padding history (SPECS 7.4).
@@ -130,6 +137,12 @@ class KVCache:
 
     def finish_step(self, n_new: int) -> None:
         self.length += n_new
+
+    def repeat_rows_(self, n: int) -> None:
+        """Each row becomes n contiguous copies of itself, in every layer and in the bookkeeping."""
+        for layer in self.layers:
+            layer.repeat_rows_(n)
+        self.key_mask_BS, self.n_real_B = (t.repeat_interleave(n, 0) for t in (self.key_mask_BS, self.n_real_B))
 
 
 def padding_attention_mask(key_mask_BS: Tensor, n_new: int) -> Tensor:

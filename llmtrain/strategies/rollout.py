@@ -194,15 +194,15 @@ class Rollouts:
     def sample(self, model: nn.Module, batch: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
         """G completions per prompt of `batch`, with their masks, sampling log-probs and rewards."""
         prompts, answers = split_prompts(batch)
-        repeated = [prompt for prompt in prompts for _ in range(self.group_size)]     # groups contiguous
         model = getattr(model, "module", model)        # a DDP wrapper has no KV cache; sampling needs no sync
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = generate(model, repeated, self.max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                out = generate(model, prompts, self.max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
                                temperature=self.temperature, seed=seed, return_logprobs=True,
-                               thinking=thinking_decoder(model, self.tokenizer))
+                               thinking=thinking_decoder(model, self.tokenizer),
+                               num_samples=self.group_size)                # groups contiguous
         finally:
             model.train(was_training)
         mask_BN = completion_mask(out.tokens_BN, self.tokenizer.eos_id)

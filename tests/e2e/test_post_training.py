@@ -125,12 +125,13 @@ def test_hrpo_through_the_cli_logs_finite_metrics_and_its_thinking_fraction(tmp_
 @pytest.mark.parametrize("thinking_option", ["hrpo", "hrpo_proj"])
 def test_hrpo_in_process_trains_the_thinking_module_at_its_own_lr(thinking_option, tmp_path, monkeypatch):
     from llmtrain.entry import train
+    from llmtrain.generate import Sampler
     from llmtrain.thinking_decode import ThinkingDecoder
     from tests.conftest import SMOKE as IN_PROCESS, compose_cfg
 
     temperatures, decode = set(), ThinkingDecoder.decode        # which decodes think: rollouts (1.0), eval accuracy (0)
-    monkeypatch.setattr(ThinkingDecoder, "decode", lambda self, *args: temperatures.add(args[6].temperature) or
-                        decode(self, *args))
+    monkeypatch.setattr(ThinkingDecoder, "decode", lambda self, *args: temperatures.update(
+        a.temperature for a in args if isinstance(a, Sampler)) or decode(self, *args))
     metrics, objects = train(compose_cfg(*IN_PROCESS, *GRPO_RUN, f"model/thinking={thinking_option}",
                                          "trainer.max_steps=3", "trainer.eval_every=3", f"paths.output_dir={tmp_path}"))
     assert all(math.isfinite(v) for v in metrics.values()) and metrics["thinking_fraction"] > 0.5

@@ -144,3 +144,20 @@ def test_cached_hrpo_decode_equals_a_full_recompute_with_the_stored_latents(cls,
         latents_BND = latent_from_probs(logp_BNV.exp().flatten(0, 1), model.embed.weight).view(4, -1, 32)
         keep_BN = out.mask_BN.bool()
         torch.testing.assert_close(latents_BND[keep_BN], out.latents_BND[keep_BN], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", [None, functools.partial(MLAttention, n_heads=4, kv_lora_rank=16,
+                                                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)],
+                         ids=["gqa", "mla"])
+def test_hrpo_num_samples_gives_the_rows_of_each_prompt_passed_n_times(attention):
+    kwargs = {} if attention is None else {"attention": attention}
+    model = tiny(functools.partial(ThinkingResidual, r_min=0.3, r_max=0.5), **kwargs)
+    prompts = [TOKENIZER.encode(t, bos=True) for t in ("12+30=", "hello there")]
+    marker = DECODE([TOKENIZER.encode("e")[0]])
+    run = functools.partial(generate, max_new_tokens=10, eos_id=TOKENIZER.eos_id, pad_id=TOKENIZER.pad_id,
+                            temperature=0.7, seed=3, return_logprobs=True, thinking=ThinkingDecoder(marker, DECODE))
+    shared, repeated = run(model, prompts, num_samples=3), run(model, [p for p in prompts for _ in range(3)])
+    for name in ("tokens_BN", "mask_BN", "thinking_BN", "prompt_ids_BP", "prompt_mask_BP"):
+        assert torch.equal(getattr(shared, name), getattr(repeated, name)), name
+    for name in ("logprobs_BN", "latents_BND"):
+        torch.testing.assert_close(getattr(shared, name), getattr(repeated, name), atol=1e-5, rtol=1e-5)
