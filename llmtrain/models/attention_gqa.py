@@ -110,6 +110,8 @@ class GQAttention(nn.Module):
             if mask is None and past > 0 and T > 1:
                 mask = causal_mask(T, past, x_BTD.device)
         y_BHTE = self._attend(q_BHTE, k_BKSE, v_BKSE, mask, is_causal=mask is None and past == 0)
+        if T == 1:   # with one token, (B, H, 1, E) reshapes to (B, 1, H E) without the transpose
+            return self.wo(y_BHTE.reshape(B, 1, self.n_heads * self.head_dim))
         return self.wo(y_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend(self, q_BHTE: Tensor, k_BKSE: Tensor, v_BKSE: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -125,7 +127,9 @@ class GQAttention(nn.Module):
             scores_BKRS = torch.matmul(q_BKRE, k_BKSE.transpose(-1, -2)) * E**-0.5
             if mask is not None:
                 scores_BKRS = scores_BKRS.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts
-            probs_BKRS = scores_BKRS.softmax(-1, dtype=torch.float32).to(v_BKSE.dtype)
+            probs_BKRS = scores_BKRS.softmax(-1, dtype=torch.float32)
+            if probs_BKRS.dtype != v_BKSE.dtype:
+                probs_BKRS = probs_BKRS.to(v_BKSE.dtype)
             return torch.matmul(probs_BKRS, v_BKSE).view(B, H, 1, E)
         # enable_gqa maps query head h to kv head h // (H/K) without materialising the repeat;
         # measured faster than repeat_interleave on 2 CPU threads (fwd+bwd, 4.1 -> 2.6 ms at

@@ -32,7 +32,8 @@ AVX-512, 2 threads) a 16-row decode matmul ran 1.5-2.4x faster than F.linear's "
 The price is one more copy of the weights in memory while a model is used without grad, and one
 transpose per weight update before the next no-grad call (one pass over the weights, the cost of
 a single decode step). Modules whose linears share an input fuse them the same way
-(`kept_weight_t`: GQA's q, k and v, SwiGLU's gate and up), one matmul instead of two or three.
+(`kept_weight_t`: GQA's q, k and v; MLA's query (or query-latent) and kv-latent projections;
+SwiGLU's gate and up), one matmul instead of two or three.
 With autograd on, a copy could not carry the gradient, so training keeps
 the two paths above.
 
@@ -146,8 +147,8 @@ def kept_weight_t(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear]) ->
     It applies without autograd, for fp32 CPU input and plain fp32 weights (not sharded, not
     inference-mode), outside autocast and torch.compile, and while copies are allowed on `holder`
     (see `disable_weight_copies`). One linear gives its transposed weight; several sharing an input
-    (q, k, v; SwiGLU's gate and up) give one fused matmul, `x @ kept` = their outputs concatenated
-    in the order of `linears`. The copy is a plain attribute of `holder`, made again when any
+    (q, k, v; MLA's q and kv latent; SwiGLU's gate and up) give one fused matmul, `x @ kept` = their
+    outputs concatenated in the order of `linears`. The copy is a plain attribute of `holder`, made again when any
     weight's version counter or storage moved since.
 
     This runs once per module per decode step, so it reads each weight once from `_parameters` (a

@@ -13,6 +13,7 @@ from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.linear import (Linear, disable_weight_copies, kept_weight_t, linear, onednn_available,
                                    use_onednn)
 from llmtrain.models.attention_gqa import GQAttention
+from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.rope import RotaryEmbedding
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),
@@ -157,7 +158,13 @@ def test_grad_mode_and_switched_off_calls_make_no_copy():
 
 
 def layer_and_call(module: str, x):
-    """A fresh layer of kind `module` ("linear", "gqa" or "swiglu") for x (2, 6, 64) and a call of it."""
+    """A fresh layer of kind `module` ("linear", "gqa", "mla", "mla_qlora" or "swiglu") for x (2, 6, 64)
+    and a call of it."""
+    if module.startswith("mla"):   # q (and the latent) from one fused matmul without autograd
+        layer = MLAttention(64, n_heads=4, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                            q_lora_rank=20 if module == "mla_qlora" else None)
+        cos, sin = RotaryEmbedding(8)(6)
+        return layer, lambda: layer(x, cos, sin)
     if module == "linear":
         layer = Linear(64, 32)
         return layer, lambda: layer(x)
@@ -169,7 +176,7 @@ def layer_and_call(module: str, x):
     return layer, lambda: layer(x)
 
 
-@pytest.mark.parametrize("module", ["linear", "gqa", "swiglu"])
+@pytest.mark.parametrize("module", ["linear", "gqa", "mla", "swiglu"])
 def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module):
     """`.data` writes (and FSDP2's all-gathers) leave version and pointer as they were: a kept copy
     would be stale, so such models turn the copies off and every call reads the weight itself."""
@@ -203,7 +210,7 @@ def test_stacked_weights_fuse_several_linears_in_order():
                                    torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
 
 
-@pytest.mark.parametrize("module", ["gqa", "swiglu"])
+@pytest.mark.parametrize("module", ["gqa", "mla", "mla_qlora", "swiglu"])
 def test_fused_no_grad_modules_match_their_autograd_forward(module):
     use_onednn(True)
     torch.manual_seed(0)
