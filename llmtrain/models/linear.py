@@ -9,7 +9,10 @@ where MKL ran 170-215 (2048 x 128 x 384: 0.43 vs 0.97 ms; 2048 x 512 x 1408: 6.6
 and a 16-row decode matmul 3x faster (16 x 512 x 1408: 65 vs 204 us), which made the whole tiny
 training step 1.4x and the small one 1.5x faster. Both accumulate in fp32 (errors against a
 float64 product: about 2e-6 vs 1e-6 on outputs of order 1); they only sum in another order, so a
-run's losses agree with the MKL path to the last few digits, not bit for bit.
+run's losses agree with the MKL path to the last few digits, not bit for bit. That gain needs
+AVX-512: on an AVX2-only draw of the VM (AMD EPYC, Zen 3) oneDNN was slower than MKL at every
+training shape, so the oneDNN path is taken only where torch dispatches AVX-512 kernels
+(`onednn_pays_off`).
 
 `linear(x, w, b)` takes oneDNN (`torch.ops.mkldnn._linear_pointwise`, the same inner product
 for all three matmuls of a linear layer: y = x w^T, dx = dy w, dw = dy^T x) only where it is the
@@ -45,8 +48,9 @@ a plain attribute, not a buffer), so every model file, the HF converters and FSD
 linear layer; a sharded (DTensor) or inference-mode weight never gets a copy. A copy is trusted
 while the weight's version counter and storage pointer stay the same, which holds for optimizer
 steps, `load_state_dict` and any in-place op on the parameter, but not for writes that bypass the
-counter (`p.data.copy_(...)`, FSDP2's all-gather into a reused buffer): the FSDP engine calls
-`disable_weight_copies` on its model, and code that writes weights that way should too.
+counter (`p.data.copy_(...)`, FSDP2's all-gather into a reused buffer, torch's fused optimizer
+kernels): the FSDP engine calls `disable_weight_copies` on its model, llmtrain.optim.adamw moves the
+counters after each fused step, and code that writes weights another such way should do one of the two.
 """
 
 from __future__ import annotations
@@ -62,28 +66,48 @@ _INNER_PRODUCT = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 MIN_MACS = 1 << 21          # multiply-adds (rows x in x out) below which MKL's lower call overhead wins
 
 
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def onednn_available() -> bool:
-    """oneDNN's inner product exists in this build and the CPU is x86 (where it was measured faster)."""
+    """oneDNN's inner product exists in this build and the CPU is x86."""
     try:
         has_op = _INNER_PRODUCT is not None and torch.backends.mkldnn.is_available()
     except (AttributeError, RuntimeError):
         has_op = False
-    return has_op and platform.machine().lower() in ("x86_64", "amd64")
+    return has_op and _is_x86()
 
 
-_enabled = onednn_available()
+def onednn_pays_off() -> bool:
+    """torch runs AVX-512 kernels on this CPU, where oneDNN's fp32 inner product was measured faster.
+
+    On an AVX2-only draw of the VM (AMD EPYC, Zen 3) it was slower than MKL at every training shape
+    (1248 x 128 x 384, 2 threads: forward 997 vs 877 us, dw 1925 vs 937 us, as it needs both operands
+    transposed into copies), and the tiny training step took 213 instead of 176 ms.
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+_enabled = True                      # what `use_onednn` was last told
+_onednn = onednn_available() and onednn_pays_off()
+_copies = _is_x86()
 
 
 def use_onednn(enabled: bool) -> bool:
-    """Route eligible fp32 CPU linears to oneDNN (True) or F.linear (False), for the whole process;
-    returns whether oneDNN is now used (False when this build or CPU has no oneDNN path)."""
-    global _enabled
-    _enabled = bool(enabled) and onednn_available()
-    return _enabled
+    """Switch llmtrain's fp32 CPU linear paths on (True: oneDNN to train where `onednn_pays_off`, kept
+    weight copies without autograd on x86) or off (False: F.linear everywhere), for the whole process;
+    returns whether oneDNN is now used."""
+    global _enabled, _onednn, _copies
+    _enabled = bool(enabled)
+    _onednn = _enabled and onednn_available() and onednn_pays_off()
+    _copies = _enabled and _is_x86()
+    return _onednn
 
 
 def onednn_enabled() -> bool:
-    return _enabled
+    return _onednn
+
 
 
 def _inner_product(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -114,7 +138,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _eligible(x: Tensor, w: Tensor) -> bool:
-    return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+    return (_onednn and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and x.dim() >= 2 and 0 < x.numel() * w.shape[0] >= MIN_MACS and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())
 
@@ -156,7 +180,7 @@ def kept_weight_t(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear]) ->
     about 4.6 us per fused gate/up call on 2 threads of a Sapphire Rapids VM, against 9.1 us for
     separate eligibility and lookup functions that each read `linear.weight`.
     """
-    if (not _enabled or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+    if (not _copies or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
             or x.dim() < 2 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
         return None
     state = holder.__dict__

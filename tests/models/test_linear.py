@@ -22,10 +22,10 @@ needs_onednn = pytest.mark.skipif(not onednn_available(),
 
 @pytest.fixture(autouse=True)
 def restore_switch(monkeypatch):
-    before = onednn.onednn_enabled()
+    for name in ("_enabled", "_onednn", "_copies"):  # put back after each test, whatever use_onednn set
+        monkeypatch.setattr(onednn, name, getattr(onednn, name))
     monkeypatch.setattr(onednn, "MIN_MACS", 0)      # these tests' small matmuls take the oneDNN path too
-    yield
-    use_onednn(before)
+    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: True)   # test the oneDNN path on any x86 CPU
 
 
 def test_onednn_is_available_on_x86_linux():
@@ -99,6 +99,18 @@ def test_other_calls_are_plain_f_linear(case, monkeypatch):
             assert torch.equal(linear(x, w), F.linear(x, w))
         return
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_without_avx512_training_keeps_f_linear_and_no_grad_keeps_the_copies(monkeypatch):
+    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: False)     # an AVX2-only CPU
+    monkeypatch.setattr(onednn, "_INNER_PRODUCT", lambda *args: pytest.fail("oneDNN path taken"))
+    assert not use_onednn(True)
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(5, 16, requires_grad=True)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        layer(x)
+    assert "_stacked_weight_t" in layer.__dict__                      # the no-grad copy still applies
 
 
 def test_hardware_switch_reaches_the_layers():
