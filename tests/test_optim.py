@@ -53,3 +53,52 @@ def test_frozen_parameters_are_left_out():
 def test_bad_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         adamw(Tiny().named_parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("fused, want", [(None, True), (False, False), (True, True)])
+def test_cpu_parameters_take_the_fused_kernel_unless_told_otherwise(fused, want):
+    import torch
+    model = Tiny()
+    opt = adamw(model.named_parameters(), lr=1e-2, fused=fused)
+    assert bool(opt.defaults["fused"]) is want
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = model.proj.weight.detach().clone()
+    opt.step()                                   # the fused kernel runs on CPU tensors
+    assert not torch.equal(model.proj.weight, before)
+
+
+def test_the_fused_step_matches_the_default_one():
+    import torch
+    steps = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = adamw(model.named_parameters(), lr=1e-2, fused=fused)
+        for i in range(3):
+            torch.manual_seed(i + 1)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for got, want in zip(*steps):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+
+
+def test_a_fused_step_moves_the_version_counters_so_no_grad_weight_copies_follow():
+    """The fused kernel writes behind the version counter; llmtrain.models.linear's kept copies key
+    on it, so without the step hook an evaluation after training would use the first weights."""
+    import torch
+    import torch.nn.functional as F
+    from llmtrain.models.linear import Linear, use_onednn
+    use_onednn(True)
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(4, 16)
+    opt = adamw(layer.named_parameters(), lr=0.1)
+    assert opt.defaults["fused"]
+    with torch.no_grad():
+        layer(x)                                 # keeps a copy of the initial weight
+    layer(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
