@@ -23,9 +23,9 @@ default and gradient checkpointing default are turned off), no vLLM, no logging,
 
 llmtrain: the real loop, `Trainer.train_step` with `strategies.grpo.GRPO` (its `Rollouts` sample with
 `llmtrain.generate`'s preallocated KV cache), llmtrain's AdamW and the GradClip callback; batches are
-prebuilt tensors in the "prompts" layout; the policy and reference forwards score each group of 4 as one
-row, its prompt once (`strategy.share_prompt`, on by default; `--share-prompt off` gives TRL's one row
-per completion). Generation = `Rollouts.sample`: sampling, decoding the
+prebuilt tensors in the "prompts" layout; the policy and reference forwards compute each group's prompt
+once, into a KV cache the group's 4 completions attend to (`strategy.share_prompt`, on by default;
+`--share-prompt off` gives TRL's one row per completion). Generation = `Rollouts.sample`: sampling, decoding the
 texts, the rewards and the rollout tensors. Training = the rest of the step: reference and policy
 forward, loss, backward, clipping, optimizer step. TRL: `GRPOTrainer.train()`, a step timed by a
 `TrainerCallback` from `on_step_begin` to `on_step_end`; generation = `_generate` (tokenizing the
@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     onednn_option(parser)
     parser.add_argument("--share-prompt", choices=("on", "off"), default="on",
-                        help="llmtrain scores each group as one row, its prompt once (strategy.share_prompt)")
+                        help="llmtrain computes each group's prompt once (strategy.share_prompt)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--completions", type=int, default=4, help="completions per prompt (the group)")
     parser.add_argument("--new-tokens", type=int, default=32)

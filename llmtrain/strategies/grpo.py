@@ -32,8 +32,8 @@ mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens,
 `clip_ratio` (fraction of completion tokens whose clipped term is active: ratio < 1 - clip_eps with
 A < 0, or > 1 + clip_eps_high with A > 0).
 
-`share_prompt` (on by default) scores each group as one row, the prompt once and the G completions
-after it, each attending to the prompt and to itself only (llmtrain.strategies.rollout.
+`share_prompt` (on by default) computes each group's prompt once, into a KV cache that the G
+completions then attend to, each also to itself only (llmtrain.strategies.rollout.
 shared_prompt_logits): the policy's and the reference's log-probs are those of one row per
 completion, with G - 1 prompts fewer in every matmul.
 
@@ -89,8 +89,8 @@ class GRPO(Strategy):
         sync_interval: steps between hard copies policy -> reference (None: never).
         num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
         filter_groups: DAPO's dynamic sampling without refill: train only on groups whose reward varies.
-        share_prompt: score each group as one row, its prompt computed once (rollout.shared_prompt_logits;
-            the same log-probs, fewer tokens in every matmul).
+        share_prompt: compute each group's prompt once (rollout.shared_prompt_logits; the same
+            log-probs, fewer tokens in every matmul).
         seed: base of the sampling seeds.
     """
 
