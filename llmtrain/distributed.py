@@ -126,8 +126,13 @@ class DDP(Distributed):
         model = super().prepare(model)
         device_ids = [self.device] if self.device.type == "cuda" else None
         # no buffer broadcast per forward: the only buffers are the RoPE tables, equal on every rank
-        return replicate(model, device_ids=device_ids, forward_sync_buffers=False,
-                         find_unused_parameters=self.find_unused_parameters)
+        model = replicate(model, device_ids=device_ids, forward_sync_buffers=False,
+                          find_unused_parameters=self.find_unused_parameters)
+        # replicate builds DDP (its gradient buckets) at the first forward; GRPO's first forward is a
+        # rollout under inference mode, whose inference-tensor buckets backward then cannot write
+        # ("Inplace update to inference tensor outside InferenceMode"): build it now.
+        replicate.state(model).lazy_init()
+        return model
 
 
 class FSDP(Distributed):
@@ -156,6 +161,11 @@ class FSDP(Distributed):
             fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)   # embed, norm, head
         self.names = {id(p): name for name, p in model.named_parameters()}
+        # FSDP2 allocates the buffers it all-gathers into at the first forward; GRPO's first forward is
+        # a rollout under inference mode, whose inference-tensor buffers a training forward then cannot
+        # fill ("Inplace update to inference tensor outside InferenceMode"): allocate them now.
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
         return model
 
     def model_state_dict(self, model: nn.Module) -> dict[str, Tensor]:

@@ -87,3 +87,14 @@ def test_a_sweep_starts_the_ranks_of_each_job_in_its_own_directory(tmp_path):
         assert json.loads((tmp_path / job / "result.json").read_text())["status"] == "COMPLETED"
         assert len(rows(tmp_path / job)) == 8
     assert losses(tmp_path / "0") != losses(tmp_path / "1")
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_grpo_trains_under_two_ranks(engine, tmp_path):
+    """A GRPO run's first forward is a rollout under inference mode: neither engine may keep the
+    buffers it makes there (DDP's gradient buckets, FSDP2's all-gather buffers) for backward."""
+    result = run_cli("strategy=grpo", "debug=smoke", "data.n_eval=16", "data.accuracy_examples=8", f"hardware={engine}",
+                     "hardware.nprocs=2", "trainer.max_steps=2", "~callbacks.progress", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    train = [row for row in rows(tmp_path) if "loss" in row and "reward" in row]
+    assert len(train) == 2 and all(row["loss"] == row["loss"] for row in train)    # two finite steps
