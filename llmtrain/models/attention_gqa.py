@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import GQACache, causal_mask
-from llmtrain.models.linear import Linear, kept_weight_t
+from llmtrain.models.linear import Linear, kept_product
 from llmtrain.models.rope import apply_rope
 
 
@@ -64,21 +64,20 @@ class GQAttention(nn.Module):
         """
         B, T, _ = x_BTD.shape
         if self.wq.bias is None:
-            qkv_DC = kept_weight_t(self, x_BTD, (self.wq, self.wk, self.wv))
-            if qkv_DC is not None:
-                return self._project_fused(x_BTD, qkv_DC, cos, sin)
+            qkv_BTC = kept_product(self, x_BTD, (self.wq, self.wk, self.wv))
+            if qkv_BTC is not None:
+                return self._split_fused(qkv_BTC, cos, sin)
         q_BHTE = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTE = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q_BHTE, cos, sin), apply_rope(k_BKTE, cos, sin), v_BKTE
 
-    def _project_fused(self, x_BTD: Tensor, qkv_DC: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`project` without autograd on CPU (llmtrain.models.linear): one matmul for q, k and v on their
-        kept stacked weight `qkv_DC`, one RoPE call for q and k together; a decode step of the tiny
+    def _split_fused(self, qkv_BTC: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`project` without autograd on CPU (llmtrain.models.linear): q, k and v from one matmul on
+        their kept stacked weight, one RoPE call for q and k together; a decode step of the tiny
         model makes 8 calls fewer per layer."""
-        B, T, _ = x_BTD.shape
+        B, T, _ = qkv_BTC.shape
         H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv_BTC = torch.matmul(x_BTD, qkv_DC)
         qk_BNTE = apply_rope(qkv_BTC[..., :(H + K) * E].view(B, T, H + K, E).transpose(1, 2), cos, sin)
         v_BKTE = qkv_BTC[..., (H + K) * E:].view(B, T, K, E).transpose(1, 2)
         return qk_BNTE[:, :H], qk_BNTE[:, H:], v_BKTE

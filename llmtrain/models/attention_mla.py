@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmtrain.models.kv_cache import causal_mask, check_room
-from llmtrain.models.linear import Linear, kept_weight_t
+from llmtrain.models.linear import Linear, kept_product
 from llmtrain.models.norm import RMSNorm
 from llmtrain.models.rope import apply_rope
 
@@ -130,9 +130,9 @@ class MLAttention(nn.Module):
         """
         B, T, _ = x_BTD.shape
         q_in = self.wq if self.q_lora_rank is None else self.wq_a
-        fused_DX = kept_weight_t(self, x_BTD, (q_in, self.wkv_a))   # no autograd, CPU: one matmul for both
-        if fused_DX is not None:
-            q_BTX, kv_BTX = torch.matmul(x_BTD, fused_DX).split([q_in.out_features, self.wkv_a.out_features], dim=-1)
+        fused_BTX = kept_product(self, x_BTD, (q_in, self.wkv_a))   # no autograd, CPU: one matmul for both
+        if fused_BTX is not None:
+            q_BTX, kv_BTX = fused_BTX.split([q_in.out_features, self.wkv_a.out_features], dim=-1)
         else:
             q_BTX, kv_BTX = q_in(x_BTD), self.wkv_a(x_BTD)
         if self.q_lora_rank is not None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmtrain.models.linear import Linear, kept_weight_t
+from llmtrain.models.linear import Linear, kept_product
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
@@ -50,8 +50,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         """Returns y_BTD."""
-        gate_up_DF = kept_weight_t(self, x_BTD, (self.w1, self.w3))      # no autograd, CPU: one fused matmul
-        if gate_up_DF is not None:
-            gate_BTF, up_BTF = torch.matmul(x_BTD, gate_up_DF).chunk(2, dim=-1)
+        gate_up_BTG = kept_product(self, x_BTD, (self.w1, self.w3))      # no autograd, CPU: one fused matmul
+        if gate_up_BTG is not None:
+            gate_BTF, up_BTF = gate_up_BTG.chunk(2, dim=-1)
             return self.w2(F.silu(gate_BTF).mul_(up_BTF))
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

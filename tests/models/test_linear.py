@@ -10,22 +10,39 @@ import torch.nn.functional as F
 from llmtrain.hardware import Hardware
 from llmtrain.models import linear as onednn
 from llmtrain.models.ffn import SwiGLU
-from llmtrain.models.linear import (Linear, disable_weight_copies, kept_weight_t, linear, onednn_available,
-                                   use_onednn)
+from llmtrain.models.linear import (Linear, disable_weight_copies, kept_product, linear, mkl_packing_available,
+                                   onednn_available, use_onednn)
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.rope import RotaryEmbedding
 
 needs_onednn = pytest.mark.skipif(not onednn_available(),
                                   reason=f"no oneDNN inner product on {platform.machine()} in this torch build")
+needs_mkl_packing = pytest.mark.skipif(not (mkl_packing_available() and platform.machine() in ("x86_64", "AMD64")),
+                                       reason="no MKL packed sgemm in this torch build")
 
 
 @pytest.fixture(autouse=True)
 def restore_switch(monkeypatch):
-    for name in ("_enabled", "_onednn", "_copies"):  # put back after each test, whatever use_onednn set
+    for name in ("_enabled", "_onednn", "_copies", "_packing"):  # put back after each test, whatever use_onednn set
         monkeypatch.setattr(onednn, name, getattr(onednn, name))
     monkeypatch.setattr(onednn, "MIN_MACS", 0)      # these tests' small matmuls take the oneDNN path too
     monkeypatch.setattr(onednn, "onednn_pays_off", lambda: True)   # test the oneDNN path on any x86 CPU
+    monkeypatch.setattr(onednn, "mkl_packing_pays_off", lambda: True)   # and the packed copies
+
+
+COPY_KINDS = ["transposed", pytest.param("packed", marks=needs_mkl_packing)]
+
+
+def use_copy_kind(kind, monkeypatch):
+    """Kept copies of every size as `kind`: x @ w_t ("transposed") or MKL-packed weights ("packed")."""
+    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0 if kind == "packed" else 1 << 62)
+    use_onednn(True)
+    assert onednn._packing or kind == "transposed"
+
+
+def kept_kind(module) -> str:
+    return "packed" if module.__dict__["_kept_weights"][1] else "transposed"
 
 
 def test_onednn_is_available_on_x86_linux():
@@ -110,7 +127,7 @@ def test_without_avx512_training_keeps_f_linear_and_no_grad_keeps_the_copies(mon
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     with torch.no_grad():
         layer(x)
-    assert "_stacked_weight_t" in layer.__dict__                      # the no-grad copy still applies
+    assert "_kept_weights" in layer.__dict__                      # the no-grad copy still applies
 
 
 def test_hardware_switch_reaches_the_layers():
@@ -132,13 +149,14 @@ def test_no_grad_layer_uses_a_transposed_copy_with_f_linear_values(mode, bias):
     with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
         got = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    w_t = layer.__dict__["_stacked_weight_t"][1]
+    w_t = layer.__dict__["_kept_weights"][3]
     assert w_t.shape == (48, 40) and w_t.is_contiguous() and not w_t.is_inference()
     assert set(layer.state_dict()) == ({"weight", "bias"} if bias else {"weight"})   # not a buffer
 
 
-def test_the_copy_follows_optimizer_steps_and_loads():
-    use_onednn(True)
+@pytest.mark.parametrize("kind", COPY_KINDS)
+def test_the_copy_follows_optimizer_steps_and_loads(kind, monkeypatch):
+    use_copy_kind(kind, monkeypatch)
     torch.manual_seed(0)
     layer, x = Linear(16, 8), torch.randn(4, 16)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
@@ -162,11 +180,11 @@ def test_grad_mode_and_switched_off_calls_make_no_copy():
     layer, x = Linear(16, 8), torch.randn(4, 16, requires_grad=True)
     use_onednn(True)
     layer(x).sum().backward()
-    assert layer.weight.grad is not None and "_stacked_weight_t" not in layer.__dict__
+    assert layer.weight.grad is not None and "_kept_weights" not in layer.__dict__
     use_onednn(False)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))   # bit for bit: plain F.linear
-    assert "_stacked_weight_t" not in layer.__dict__
+    assert "_kept_weights" not in layer.__dict__
 
 
 def layer_and_call(module: str, x):
@@ -188,47 +206,96 @@ def layer_and_call(module: str, x):
     return layer, lambda: layer(x)
 
 
+@pytest.mark.parametrize("kind", COPY_KINDS)
 @pytest.mark.parametrize("module", ["linear", "gqa", "mla", "swiglu"])
-def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module):
+def test_disabled_copies_follow_writes_that_bypass_the_version_counter(module, kind, monkeypatch):
     """`.data` writes (and FSDP2's all-gathers) leave version and pointer as they were: a kept copy
     would be stale, so such models turn the copies off and every call reads the weight itself."""
-    use_onednn(True)
+    use_copy_kind(kind, monkeypatch)
     torch.manual_seed(0)
     layer, run = layer_and_call(module, torch.randn(2, 6, 64))
     with torch.no_grad():
         run()
-    assert any("_stacked_weight_t" in m.__dict__ for m in layer.modules())   # a copy was kept
+    assert any("_kept_weights" in m.__dict__ for m in layer.modules())   # a copy was kept
     disable_weight_copies(layer)
-    assert not any("_stacked_weight_t" in m.__dict__ for m in layer.modules())
+    assert not any("_kept_weights" in m.__dict__ for m in layer.modules())
     for p in layer.parameters():
         p.data.copy_(torch.randn_like(p))         # behind the version counter
     want = run()                                  # grad mode: reads the parameters
     with torch.no_grad():
         got = run()
-    assert not any("_stacked_weight_t" in m.__dict__ for m in layer.modules())
+    assert not any("_kept_weights" in m.__dict__ for m in layer.modules())
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_stacked_weights_fuse_several_linears_in_order():
-    use_onednn(True)
+@pytest.mark.parametrize("kind", COPY_KINDS)
+def test_stacked_weights_fuse_several_linears_in_order(kind, monkeypatch):
+    use_copy_kind(kind, monkeypatch)
     torch.manual_seed(0)
     a, b, holder = Linear(16, 8, bias=False), Linear(16, 4, bias=False), torch.nn.Module()
     x = torch.randn(3, 16)
     with torch.no_grad():
-        fused = x @ kept_weight_t(holder, x, (a, b))
+        fused = kept_product(holder, x, (a, b))
         torch.testing.assert_close(fused, torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
         b.weight.mul_(2)                         # one member changes: the stack is made again
-        torch.testing.assert_close(x @ kept_weight_t(holder, x, (a, b)),
+        torch.testing.assert_close(kept_product(holder, x, (a, b)),
                                    torch.cat([F.linear(x, a.weight), F.linear(x, b.weight)], -1))
 
 
+@pytest.mark.parametrize("kind", COPY_KINDS)
 @pytest.mark.parametrize("module", ["gqa", "mla", "mla_qlora", "swiglu"])
-def test_fused_no_grad_modules_match_their_autograd_forward(module):
-    use_onednn(True)
+def test_fused_no_grad_modules_match_their_autograd_forward(module, kind, monkeypatch):
+    use_copy_kind(kind, monkeypatch)
     torch.manual_seed(0)
     layer, run = layer_and_call(module, torch.randn(2, 6, 64))
     want = run()                                  # grad mode: the three separate linears
     with torch.no_grad():
         got = run()
-    assert "_stacked_weight_t" in layer.__dict__  # the fused path ran
+    assert "_kept_weights" in layer.__dict__ and kept_kind(layer) == kind  # the fused path ran
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_mkl_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_weights_get_a_packed_copy_with_f_linear_values(bias):
+    use_onednn(True)                            # real thresholds: 512 x 512 is PACK_MIN_NUMEL
+    torch.manual_seed(0)
+    layer, small = Linear(512, 512, bias=bias), Linear(512, 511, bias=bias)
+    x = torch.randn(16, 1, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+        small(x)
+    assert kept_kind(layer) == "packed" and layer.__dict__["_kept_weights"][2] == 16
+    assert kept_kind(small) == "transposed"
+    assert set(layer.state_dict()) == ({"weight", "bias"} if bias else {"weight"})   # not a buffer
+
+
+@needs_mkl_packing
+def test_packed_copy_follows_the_row_count_and_leaves_large_calls_to_the_parameters(monkeypatch):
+    use_copy_kind("packed", monkeypatch)
+    monkeypatch.setattr(onednn, "PACK_MAX_ROWS", 16)
+    torch.manual_seed(0)
+    layer = Linear(32, 24)
+    with torch.no_grad():
+        for rows in (16, 5, 17, 5):             # a decode size, another, a prefill-sized call, back
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+            assert layer.__dict__["_kept_weights"][2] == (5 if rows == 17 else rows)   # 17 rows: kept as it was
+        assert kept_product(layer, torch.randn(17, 32), (layer,)) is None
+
+
+@needs_mkl_packing
+@pytest.mark.parametrize("kind", ["single", "fused"])
+def test_packed_copy_reads_strided_inputs_correctly(kind, monkeypatch):
+    # The packed product gets only the shape of the weight (a zero-stride stand-in for the fused
+    # stack): any call that fell back to that stand-in would give zeros, not F.linear's values.
+    use_copy_kind("packed", monkeypatch)
+    torch.manual_seed(0)
+    layer = Linear(32, 24, bias=False)
+    holder, linears = (layer, (layer,)) if kind == "single" else (torch.nn.Module(), (layer, Linear(32, 12, bias=False)))
+    base = torch.randn(4, 3, 64)
+    for x in (base[..., ::2], base[..., :32].transpose(0, 1), base[:, :1, :32], base[:, :, :32]):
+        with torch.no_grad():
+            got = kept_product(holder, x, linears)
+        want = torch.cat([F.linear(x, linear.weight) for linear in linears], -1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
