@@ -214,8 +214,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
 
     Args:
-        model: Has `new_cache(batch_size, max_len)` and `forward(ids_BT, attention_mask_BT=, cache=)`
-            (llmtrain.models.transformer.Transformer); the caller chooses train or eval mode.
+        model: Has `new_cache(batch_size, max_len)` and `forward(ids_BT, attention_mask_BT=, cache=,
+            logits_to_keep=)` (llmtrain.models.transformer.Transformer; the prefill asks for the last
+            position's logits only); the caller chooses train or eval mode.
         prompts: Token ids per prompt (each non-empty); lengths may differ.
         max_new_tokens: Most tokens generated per prompt; prompt + this must fit max_seq_len.
         eos_id: Ends a row; it is part of the completion (mask 1).
@@ -270,7 +271,8 @@ def prefill(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
     """
     B, P = ids_BP.shape
     cache = model.new_cache(B, P + max_new_tokens, device=ids_BP.device)
-    out = model(ids_BP, attention_mask_BT=mask_BP, cache=cache, **({"return_hidden": True} if return_hidden else {}))
+    out = model(ids_BP, attention_mask_BT=mask_BP, cache=cache, logits_to_keep=1,
+                **({"return_hidden": True} if return_hidden else {}))
     logits_BV, hidden_BD = (out[0][:, -1], out[1][:, -1]) if return_hidden else (out[:, -1], None)
     if num_samples > 1:
         cache.repeat_rows_(num_samples)

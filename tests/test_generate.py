@@ -27,13 +27,14 @@ class CountUp(torch.nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> object:
         return object()
 
-    def forward(self, ids_BT, positions=None, attention_mask_BT=None, cache=None) -> torch.Tensor:
+    def forward(self, ids_BT, positions=None, attention_mask_BT=None, cache=None,
+                logits_to_keep=0) -> torch.Tensor:
         self.calls += 1
         nxt_B = ids_BT[:, -1] + 1
         nxt_B = torch.where(nxt_B > 9, torch.full_like(nxt_B, EOS), nxt_B)
         logits_BTV = torch.zeros(*ids_BT.shape, V)
         logits_BTV[torch.arange(len(ids_BT)), -1, nxt_B] = 1.0
-        return logits_BTV
+        return logits_BTV[:, -logits_to_keep:]
 
 
 def tiny(max_seq_len: int = 128) -> Transformer:

@@ -32,13 +32,14 @@ class Oracle(torch.nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list[list[int]]:
         return [[] for _ in range(batch_size)]
 
-    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None) -> torch.Tensor:
+    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None,
+                logits_to_keep=0) -> torch.Tensor:
         mask_BT = torch.ones_like(ids_BT) if attention_mask_BT is None else attention_mask_BT
         logits_BTV = torch.zeros(*ids_BT.shape, self.vocab_size)
         for b, (row, real) in enumerate(zip(ids_BT.tolist(), mask_BT.tolist())):
             cache[b] += [t for t, keep in zip(row, real) if keep]
             logits_BTV[b, -1, self.next.get(tuple(cache[b]), 8)] = 1.0
-        return logits_BTV
+        return logits_BTV[:, -logits_to_keep:]
 
 
 class RandomModel(torch.nn.Module):
@@ -49,8 +50,9 @@ class RandomModel(torch.nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> None:
         return None
 
-    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None) -> torch.Tensor:
-        return torch.randn(*ids_BT.shape, self.vocab_size)
+    def forward(self, ids_BT: torch.Tensor, positions=None, attention_mask_BT=None, cache=None,
+                logits_to_keep=0) -> torch.Tensor:
+        return torch.randn(*ids_BT.shape, self.vocab_size)[:, -logits_to_keep:]
 
 
 def test_start_skips_to_the_same_batches(data):

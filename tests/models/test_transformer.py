@@ -54,6 +54,19 @@ def test_logits_shape_and_dtype_follow_the_model():
     assert model.to(torch.bfloat16)(ids).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_gives_the_last_positions_of_the_full_output(keep):
+    torch.manual_seed(0)
+    model = tiny().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # one row left-padded
+    full_logits, full_hidden = model(ids, attention_mask_BT=mask, return_hidden=True)
+    logits, hidden = model(ids, attention_mask_BT=mask, return_hidden=True, logits_to_keep=keep)
+    assert logits.shape == (2, keep, 50) and hidden.shape == (2, keep, 32)
+    torch.testing.assert_close(logits, full_logits[:, -keep:])
+    torch.testing.assert_close(hidden, full_hidden[:, -keep:])
+    assert model(ids, logits_to_keep=0).shape == (2, 7, 50)
+
+
 def test_future_tokens_do_not_change_past_logits():
     torch.manual_seed(0)
     model = tiny()
