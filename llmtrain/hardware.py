@@ -55,11 +55,11 @@ class Hardware:
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them (less memory, about one more forward of compute).
         onednn_linear: run the model's fp32 CPU linear layers on oneDNN instead of MKL when training,
-            on CPUs where torch runs AVX-512 kernels, and on kept transposed (fused q/k/v, gate/up)
-            weight copies without autograd on any x86 CPU (llmtrain.models.linear: about 2x faster
-            matmuls on this project's AVX-512 AMD EPYC VM, 1.5-2.4x faster decode matmuls on its Intel
-            draw, while oneDNN was slower on an AVX2-only draw; the same fp32 math summed in another
-            order); False keeps PyTorch's F.linear. No effect on GPUs or under autocast. The attribute
+            on AMD CPUs where torch runs AVX-512 kernels, and on kept transposed (fused q/k/v, gate/up)
+            or MKL-packed weight copies without autograd on any x86 CPU (llmtrain.models.linear: about
+            2x faster matmuls on this project's AVX-512 AMD EPYC VM, 1.5-2.4x faster decode matmuls on
+            its Intel draws, while oneDNN was slower on an AVX2-only AMD draw and on the Intel ones; the
+            same fp32 math summed in another order); False keeps PyTorch's F.linear. No effect on GPUs or under autocast. The attribute
             says whether oneDNN is in use.
     """
 

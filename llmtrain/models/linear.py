@@ -10,9 +10,9 @@ and a 16-row decode matmul 3x faster (16 x 512 x 1408: 65 vs 204 us), which made
 training step 1.4x and the small one 1.5x faster. Both accumulate in fp32 (errors against a
 float64 product: about 2e-6 vs 1e-6 on outputs of order 1); they only sum in another order, so a
 run's losses agree with the MKL path to the last few digits, not bit for bit. That gain needs
-AVX-512: on an AVX2-only draw of the VM (AMD EPYC, Zen 3) oneDNN was slower than MKL at every
-training shape, so the oneDNN path is taken only where torch dispatches AVX-512 kernels
-(`onednn_pays_off`).
+that CPU: on an AVX2-only draw of the VM (AMD EPYC, Zen 3) and on an Intel Xeon draw (AVX-512, AMX)
+oneDNN was slower than MKL for training, so the oneDNN path is taken only on AMD CPUs where torch
+dispatches AVX-512 kernels (`onednn_pays_off`).
 
 `linear(x, w, b)` takes oneDNN (`torch.ops.mkldnn._linear_pointwise`, the same inner product
 for all three matmuls of a linear layer: y = x w^T, dx = dy w, dw = dy^T x) only where it is the
@@ -88,14 +88,29 @@ def onednn_available() -> bool:
     return has_op and _is_x86()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it ("AuthenticAMD", "GenuineIntel"), "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def onednn_pays_off() -> bool:
-    """torch runs AVX-512 kernels on this CPU, where oneDNN's fp32 inner product was measured faster.
+    """An AMD CPU on which torch runs AVX-512 kernels: the one kind where oneDNN's fp32 inner product
+    was measured faster than MKL for training (AMD EPYC, AVX-512: tiny step 61.6 vs 87.5 ms).
 
     On an AVX2-only draw of the VM (AMD EPYC, Zen 3) it was slower than MKL at every training shape
     (1248 x 128 x 384, 2 threads: forward 997 vs 877 us, dw 1925 vs 937 us, as it needs both operands
-    transposed into copies), and the tiny training step took 213 instead of 176 ms.
+    transposed into copies), and the tiny training step took 213 instead of 176 ms. On an Intel Xeon
+    draw (AVX-512 with AMX) it was slower too: tiny GQA training step 87.0 vs 66.7 ms, small 1574 vs
+    1398 ms, the GRPO benchmark's training 0.089 vs 0.072 s per step.
     """
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_vendor() == "AuthenticAMD"
 
 
 def mkl_packing_available() -> bool:

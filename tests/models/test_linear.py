@@ -11,7 +11,7 @@ from llmtrain.hardware import Hardware
 from llmtrain.models import linear as onednn
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.linear import (Linear, disable_weight_copies, kept_product, linear, mkl_packing_available,
-                                   onednn_available, use_onednn)
+                                   onednn_available, onednn_pays_off, use_onednn)
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.rope import RotaryEmbedding
@@ -118,8 +118,17 @@ def test_other_calls_are_plain_f_linear(case, monkeypatch):
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
+@pytest.mark.parametrize("capability, vendor, pays_off", [("AVX512", "AuthenticAMD", True), ("AVX2", "AuthenticAMD", False),
+                                                          ("AVX512", "GenuineIntel", False), ("AVX512", "", False)])
+def test_onednn_trains_only_on_avx512_amd_cpus(capability, vendor, pays_off, monkeypatch):
+    # measured faster there only (benchmarks/README.md): slower on an AVX2 AMD and an AVX-512 Intel draw
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    assert onednn_pays_off() == pays_off      # the function itself, imported before the fixture replaced it
+
+
 def test_without_avx512_training_keeps_f_linear_and_no_grad_keeps_the_copies(monkeypatch):
-    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: False)     # an AVX2-only CPU
+    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: False)     # an AVX2-only or Intel CPU
     monkeypatch.setattr(onednn, "_INNER_PRODUCT", lambda *args: pytest.fail("oneDNN path taken"))
     assert not use_onednn(True)
     torch.manual_seed(0)
