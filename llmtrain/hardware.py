@@ -59,8 +59,8 @@ class Hardware:
             or MKL-packed weight copies without autograd on any x86 CPU (llmtrain.models.linear: about
             2x faster matmuls on this project's AVX-512 AMD EPYC VM, 1.5-2.4x faster decode matmuls on
             its Intel draws, while oneDNN was slower on an AVX2-only AMD draw and on the Intel ones; the
-            same fp32 math summed in another order); False keeps PyTorch's F.linear. No effect on GPUs or under autocast. The attribute
-            says whether oneDNN is in use.
+            same fp32 math summed in another order); False keeps PyTorch's F.linear. No effect on GPUs
+            or under autocast. The attribute says whether oneDNN is in use.
     """
 
     rank, world_size, is_rank0 = 0, 1, True

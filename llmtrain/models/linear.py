@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,30 +239,37 @@ def kept_product(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear], bia
     for w in weights:
         if w.__class__ not in _PLAIN_TENSORS or w.dtype != torch.float32 or w.is_inference():
             return None
+    key, rows = [(w._version, w.data_ptr()) for w in weights], x.numel() // x.shape[-1]
     kept = state.get("_kept_weights")
-    if kept is None or kept[0] != [(w._version, w.data_ptr()) for w in weights] or (kept[1] and kept[2] != x.numel() // x.shape[-1]):
-        kept = _new_copy(weights, x)
+    if kept is None or kept.key != key or (kept.packed and kept.rows != rows):
+        kept = _new_copy(weights, key, rows)
         if kept is None:
             return None
         state["_kept_weights"] = kept
-    if kept[1]:                        # (key, True, rows, packed, shape of the stacked weight)
-        return _PACK_LINEAR(x.contiguous(), kept[3], kept[4], bias, kept[2])
-    y = torch.matmul(x, kept[3])       # (key, False, None, w_t)
+    if kept.packed:
+        return _PACK_LINEAR(x.contiguous(), kept.weight, kept.shape, bias, rows)
+    y = torch.matmul(x, kept.weight)
     return y if bias is None else y.add_(bias)
 
 
-def _new_copy(weights: list[Tensor], x: Tensor) -> tuple | None:
-    """The copy `kept_product` keeps for `weights` and calls shaped like `x`; None for a call too
+class _Kept(NamedTuple):
+    key: list[tuple[int, int]]   # (version, data pointer) of each weight when the copy was made
+    packed: bool                 # weight: MKL-packed for `rows` rows, else the (in, out) transpose
+    rows: int | None
+    weight: Tensor
+    shape: Tensor | None         # packed only: the stacked weight's shape, for MKL's product
+
+
+def _new_copy(weights: list[Tensor], key: list[tuple[int, int]], rows: int) -> _Kept | None:
+    """The copy `kept_product` keeps for `weights` and calls of `rows` rows; None for a call too
     large to pack (the caller then runs on the parameters and nothing is kept)."""
-    key = [(w._version, w.data_ptr()) for w in weights]
     out_features, in_features = sum(w.shape[0] for w in weights), weights[0].shape[1]
     with torch.inference_mode(False):        # normal tensors, usable later under no_grad too
         if not (_packing and out_features * in_features >= PACK_MIN_NUMEL):
-            return key, False, None, torch.cat([w.detach().t() for w in weights], dim=1).contiguous()
-        rows = x.numel() // x.shape[-1]
+            return _Kept(key, False, None, torch.cat([w.detach().t() for w in weights], dim=1).contiguous(), None)
         if rows > PACK_MAX_ROWS:
             return None
-        return key, True, rows, _packed_copy(weights, rows), _shape_of(out_features, in_features)
+        return _Kept(key, True, rows, _packed_copy(weights, rows), _shape_of(out_features, in_features))
 
 
 def _packed_copy(weights: list[Tensor], rows: int) -> Tensor:
