@@ -54,13 +54,13 @@ class Hardware:
             names and checkpoints stay those of the eager model.
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them (less memory, about one more forward of compute).
-        onednn_linear: run the model's fp32 CPU linear layers on oneDNN instead of MKL when training,
-            on AMD CPUs where torch runs AVX-512 kernels, and on kept transposed (fused q/k/v, gate/up)
-            or MKL-packed weight copies without autograd on any x86 CPU (llmtrain.models.linear: about
-            2x faster matmuls on this project's AVX-512 AMD EPYC VM, 1.5-2.4x faster decode matmuls on
-            its Intel draws, while oneDNN was slower on an AVX2-only AMD draw and on the Intel ones; the
-            same fp32 math summed in another order); False keeps PyTorch's F.linear. No effect on GPUs
-            or under autocast. The attribute says whether oneDNN is in use.
+        onednn_linear: run the model's fp32 CPU linear layers on oneDNN instead of MKL when training, on AMD
+            CPUs where torch runs AVX-512 kernels, and on kept transposed (fused q/k/v, gate/up) or MKL-packed
+            weight copies without autograd on x86 CPUs (on those AMD ones, no-grad calls of 2M+ multiply-adds
+            take oneDNN instead; llmtrain.models.linear: about 2x faster matmuls on this project's AVX-512 AMD
+            EPYC VM, 1.5-2.4x faster decode matmuls on its Intel draws, while oneDNN was slower on an AVX2-only
+            AMD draw and on the Intel ones; the same fp32 math summed in another order); False keeps PyTorch's
+            F.linear. No effect on GPUs or under autocast. The attribute says whether oneDNN is in use.
     """
 
     rank, world_size, is_rank0 = 0, 1, True

@@ -42,7 +42,8 @@ the weights, the cost of a single decode step). Modules whose linears share an i
 the same way (`kept_product`: GQA's q, k and v; MLA's query (or query-latent) and kv-latent
 projections; SwiGLU's gate and up), one matmul instead of two or three.
 With autograd on, a copy could not carry the gradient, so training keeps
-the two paths above.
+the two paths above. On CPUs where oneDNN is used for training, no-grad calls of 2M multiply-adds
+or more go to oneDNN instead of a copy (see `kept_product`).
 
 `use_onednn(False)` (`hardware.onednn_linear=false`) turns both of llmtrain's own paths off:
 every call is then plain F.linear.
@@ -74,6 +75,7 @@ _PACK_WEIGHT = getattr(_MKL_OPS, "_mkl_reorder_linear_weight", None)   # what in
 _PACK_LINEAR = getattr(_MKL_OPS, "_mkl_linear", None)
 PACK_MIN_NUMEL = 1 << 18    # stacked weights of at least this many elements get an MKL-packed copy
 PACK_MAX_ROWS = 128         # calls of more rows than this run on the parameters (see kept_product)
+NO_GRAD_ONEDNN_MIN_MACS = 1 << 21   # where oneDNN pays off, no-grad calls this large skip the kept copies
 
 
 def _is_x86() -> bool:
@@ -224,6 +226,14 @@ def kept_product(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear], bia
     path runs on the parameters, where the packed kernel's lead over F.linear shrinks to 5-15%
     and a second copy for each row count would cost another pass over the weights per call.
 
+    Where oneDNN's inner product is on (`onednn_pays_off`: AMD CPUs with AVX-512), calls of
+    `NO_GRAD_ONEDNN_MIN_MACS` multiply-adds or more return None too, so each linear goes to oneDNN
+    as it did before these copies existed: on that CPU a 16-row decode matmul ran 3.1x faster on
+    oneDNN than on F.linear's MKL product (16 x 512 x 1408: 65 vs 204 us), where the kept copy gained
+    2.1x over F.linear on the Intel CPU it was measured on (104 vs 215 us). The copies themselves were
+    never timed on that AMD CPU; smaller calls, where oneDNN's call overhead loses (16 x 128 x 128: 14
+    vs 7 us), keep them.
+
     This runs once per module per decode step, so it reads each weight once from `_parameters` (a
     module attribute lookup costs about 1 us) and checks the cheap process-wide conditions first:
     about 4.6 us per fused gate/up call on 2 threads of a Sapphire Rapids VM, against 9.1 us for
@@ -239,7 +249,10 @@ def kept_product(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear], bia
     for w in weights:
         if w.__class__ not in _PLAIN_TENSORS or w.dtype != torch.float32 or w.is_inference():
             return None
-    key, rows = [(w._version, w.data_ptr()) for w in weights], x.numel() // x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    if _onednn and rows * x.shape[-1] * sum(w.shape[0] for w in weights) >= NO_GRAD_ONEDNN_MIN_MACS:
+        return None                  # oneDNN's inner product, one linear at a time (see the docstring)
+    key = [(w._version, w.data_ptr()) for w in weights]
     kept = state.get("_kept_weights")
     if kept is None or kept.key != key or (kept.packed and kept.rows != rows):
         kept = _new_copy(weights, key, rows)

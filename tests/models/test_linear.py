@@ -266,7 +266,8 @@ def test_fused_no_grad_modules_match_their_autograd_forward(module, kind, monkey
 
 @needs_mkl_packing
 @pytest.mark.parametrize("bias", [False, True])
-def test_large_weights_get_a_packed_copy_with_f_linear_values(bias):
+def test_large_weights_get_a_packed_copy_with_f_linear_values(bias, monkeypatch):
+    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: False)   # as on the Intel CPU packing was measured on
     use_onednn(True)                            # real thresholds: 512 x 512 is PACK_MIN_NUMEL
     torch.manual_seed(0)
     layer, small = Linear(512, 512, bias=bias), Linear(512, 511, bias=bias)
@@ -308,3 +309,31 @@ def test_packed_copy_reads_strided_inputs_correctly(kind, monkeypatch):
             got = kept_product(holder, x, linears)
         want = torch.cat([F.linear(x, linear.weight) for linear in linears], -1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("pays_off", [True, False])
+def test_where_onednn_pays_off_large_no_grad_calls_skip_the_copies(pays_off, monkeypatch):
+    """On AMD AVX-512 CPUs (oneDNN on) a no-grad call of NO_GRAD_ONEDNN_MIN_MACS or more runs on oneDNN,
+    one linear at a time, and keeps no copy; smaller calls, and every call elsewhere, keep theirs."""
+    monkeypatch.setattr(onednn, "onednn_pays_off", lambda: pays_off)
+    monkeypatch.setattr(onednn, "NO_GRAD_ONEDNN_MIN_MACS", 8 * 64 * 32)    # 8 rows of a 64 -> 32 layer
+    calls = []
+    real = onednn._INNER_PRODUCT
+    monkeypatch.setattr(onednn, "_INNER_PRODUCT", lambda *args: calls.append(args[0].shape) or real(*args))
+    assert use_onednn(True) == pays_off
+    torch.manual_seed(0)
+    small, large = Linear(64, 32), Linear(64, 32)
+    x_small, x_large = torch.randn(7, 64), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x_small), F.linear(x_small, small.weight, small.bias))
+        torch.testing.assert_close(large(x_large), F.linear(x_large, large.weight, large.bias), rtol=1e-5, atol=1e-6)
+    assert "_kept_weights" in small.__dict__
+    assert ("_kept_weights" in large.__dict__) != pays_off
+    assert calls == ([(2, 4, 64)] if pays_off else [])
+    layer, run = layer_and_call("gqa", torch.randn(2, 6, 64))   # q, k, v fused: 12 x 64 x 128 MACs
+    calls.clear()
+    want = run()
+    with torch.no_grad():
+        torch.testing.assert_close(run(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert ("_kept_weights" in layer.__dict__) != pays_off            # no fused copy where oneDNN runs
