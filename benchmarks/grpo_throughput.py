@@ -18,8 +18,9 @@ per-completion token mean then mean over completions (TRL `loss_type="grpo"`; it
 normalises by tokens), one optimizer step per rollout (`num_iterations` 1, so the old log-probs are
 the detached current ones on both sides and no extra forward runs), no reference sync. AdamW, lr 1e-6,
 betas (0.9, 0.95), no weight decay, constant schedule, gradient clipping at 1.0; each side keeps its
-own AdamW implementation (TRL: `adamw_torch_fused`, llmtrain: torch's default). fp32 (TRL's bf16
-default and gradient checkpointing default are turned off), no vLLM, no logging, no checkpoints.
+own AdamW setup (TRL: `adamw_torch_fused`; llmtrain: `llmtrain.optim.adamw`, which also takes torch's
+fused kernel on CPU). fp32 (TRL's bf16 default and gradient checkpointing default are turned off), no
+vLLM, no logging, no checkpoints.
 
 llmtrain: the real loop, `Trainer.train_step` with `strategies.grpo.GRPO` (its `Rollouts` sample with
 `llmtrain.generate`'s preallocated KV cache), llmtrain's AdamW and the GradClip callback; batches are
