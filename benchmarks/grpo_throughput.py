@@ -75,6 +75,7 @@ from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.data.tokenizer import BYTE_OFFSET, ByteTokenizer
 from llmtrain.hardware import Hardware
 from llmtrain.hf import io as hf_io
+from llmtrain.models.linear import onednn_enabled
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
@@ -357,9 +358,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{args.threads} threads, {cpu_name()}; tiny GQA ({n_params / 1e6:.2f}M parameters, vocab 264, dim 128, "
           f"4 layers), fp32; {args.prompts} prompts x {args.completions} completions x {args.new_tokens} new tokens "
-          f"per step ({args.prompt_len}-token prompts), kl coef {KL_COEF}, oneDNN linears {args.onednn_linear}, "
-          f"shared-prompt scoring {args.share_prompt}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up, llmtrain and TRL alternating step by step")
+          f"per step ({args.prompt_len}-token prompts), kl coef {KL_COEF}, llmtrain linears {args.onednn_linear} "
+          f"(oneDNN training {'on' if onednn_enabled() else 'off'} on this CPU), shared-prompt scoring "
+          f"{args.share_prompt}; median of {args.steps} steps after {args.warmup} warm-up, llmtrain and TRL "
+          f"alternating step by step")
     print("| implementation | generation s/step | training s/step | total s/step | speedup vs TRL (total) |")
     print("|---|---|---|---|---|")
     print(f"| llmtrain | {o_gen:.4f} | {o_train:.4f} | {o_total:.4f} | {t_total / o_total:.2f}x |")
