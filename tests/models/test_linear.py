@@ -332,8 +332,9 @@ def test_where_onednn_pays_off_large_no_grad_calls_skip_the_copies(pays_off, mon
     assert ("_kept_weights" in large.__dict__) != pays_off
     assert calls == ([(2, 4, 64)] if pays_off else [])
     layer, run = layer_and_call("gqa", torch.randn(2, 6, 64))   # q, k, v fused: 12 x 64 x 128 MACs
-    calls.clear()
     want = run()
+    calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(run(), want.detach(), rtol=1e-5, atol=1e-6)
     assert ("_kept_weights" in layer.__dict__) != pays_off            # no fused copy where oneDNN runs
+    assert bool(calls) == pays_off                                    # the projections went to oneDNN
