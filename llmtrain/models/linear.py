@@ -51,7 +51,8 @@ every call is then plain F.linear.
 `Linear` is nn.Linear with that forward (same parameters, names, init and state dict: the copy is
 a plain attribute, not a buffer), so every model file, the HF converters and FSDP see an ordinary
 linear layer; a sharded (DTensor) or inference-mode weight never gets a copy. A copy is trusted
-while the weight's version counter and storage pointer stay the same, which holds for optimizer
+while the weight's version counter and storage pointer stay the same (the copy holds the weight's
+storage, so a new one cannot reuse its address; `.to()`/`.half()` drop the copies), which holds for optimizer
 steps, `load_state_dict` and any in-place op on the parameter, but not for writes that bypass the
 counter (`p.data.copy_(...)`, FSDP2's all-gather into a reused buffer, torch's fused optimizer
 kernels): the FSDP engine calls `disable_weight_copies` on its model, llmtrain.optim.adamw moves the
@@ -252,6 +253,8 @@ def kept_product(holder: nn.Module, x: Tensor, linears: Sequence[nn.Linear], bia
         if w.__class__ not in _PLAIN_TENSORS or w.dtype != torch.float32 or w.is_inference():
             return None
     rows = x.numel() // x.shape[-1]
+    if rows == 0:                    # an MoE expert no token chose: MKL's packing divides by the row count
+        return None
     if _onednn and rows * x.shape[-1] * sum(w.shape[0] for w in weights) >= NO_GRAD_ONEDNN_MIN_MACS:
         return None                  # oneDNN's inner product, one linear at a time (see the docstring)
     key = [(w._version, w.data_ptr()) for w in weights]
@@ -273,18 +276,21 @@ class _Kept(NamedTuple):
     rows: int | None
     weight: Tensor
     shape: Tensor | None         # packed only: the stacked weight's shape, for MKL's product
+    sources: list[Tensor]        # aliases of the weights: while they hold the storage, no new weight
+                                 # (`param.data = ...` in `.to()`, which keeps the version) can reuse its address
 
 
 def _new_copy(weights: list[Tensor], key: list[tuple[int, int]], rows: int) -> _Kept | None:
     """The copy `kept_product` keeps for `weights` and calls of `rows` rows; None for a call too
     large to pack (the caller then runs on the parameters and nothing is kept)."""
     out_features, in_features = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    sources = [w.detach() for w in weights]
     with torch.inference_mode(False):        # normal tensors, usable later under no_grad too
         if not (_packing and out_features * in_features >= PACK_MIN_NUMEL):
-            return _Kept(key, False, None, torch.cat([w.detach().t() for w in weights], dim=1).contiguous(), None)
+            return _Kept(key, False, None, torch.cat([w.t() for w in sources], dim=1).contiguous(), None, sources)
         if rows > PACK_MAX_ROWS:
             return None
-        return _Kept(key, True, rows, _packed_copy(weights, rows), _shape_of(out_features, in_features))
+        return _Kept(key, True, rows, _packed_copy(sources, rows), _shape_of(out_features, in_features), sources)
 
 
 def _packed_copy(weights: list[Tensor], rows: int) -> Tensor:
@@ -314,6 +320,10 @@ def _shape_of(out_features: int, in_features: int) -> Tensor:
 class Linear(nn.Linear):
     """nn.Linear computed by `linear` (oneDNN for fp32 on CPU) or, without autograd, by x @ w_t on a
     kept (in, out) copy of the weight; parameters and state dict unchanged."""
+
+    def _apply(self, fn, recurse: bool = True):   # .to(), .half(), .cuda(): the copy is of the old weight
+        self.__dict__.pop("_kept_weights", None)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         y = kept_product(self, x, (self,), self.bias)

@@ -338,3 +338,39 @@ def test_where_onednn_pays_off_large_no_grad_calls_skip_the_copies(pays_off, mon
         torch.testing.assert_close(run(), want.detach(), rtol=1e-5, atol=1e-6)
     assert ("_kept_weights" in layer.__dict__) != pays_off            # no fused copy where oneDNN runs
     assert bool(calls) == pays_off                                    # the projections went to oneDNN
+
+
+@needs_mkl_packing
+def test_an_empty_call_at_packing_size_runs_on_the_parameters(monkeypatch):
+    """MKL's packing of a weight for 0 rows dies with SIGFPE (no Python exception): an MoE expert no
+    token chose, at the small preset's width (stacked gate/up 896 x 512), must not get there."""
+    use_copy_kind("packed", monkeypatch)
+    torch.manual_seed(0)
+    ffn = SwiGLU(512, 448)
+    with torch.no_grad():
+        assert ffn(torch.randn(0, 512)).shape == (0, 512)
+        x = torch.randn(3, 512)
+        torch.testing.assert_close(ffn(x), ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", COPY_KINDS)
+def test_a_dtype_round_trip_drops_the_copy(kind, monkeypatch):
+    """`.half().float()` assigns new storage with the same version counter; the allocator may hand
+    back the old address, so the copy must not be trusted by (version, pointer) alone."""
+    use_copy_kind(kind, monkeypatch)
+    torch.manual_seed(0)
+    layer, x = Linear(64, 64), torch.randn(4, 64)
+    model = torch.nn.Sequential(layer)
+    with torch.no_grad():
+        layer(x)
+        assert "_kept_weights" in layer.__dict__
+        model.half().float()
+        assert "_kept_weights" not in layer.__dict__
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+    # A holder other than Linear keeps its copy across `.to()`, but the copy holds the old storage,
+    # so the new weight lives at another address and the key no longer matches.
+    ffn = SwiGLU(64, 48)
+    with torch.no_grad():
+        ffn(x)
+        ffn.half().float()
+        torch.testing.assert_close(ffn(x), ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x)), rtol=1e-5, atol=1e-6)
