@@ -42,7 +42,7 @@ from llmtrain.data.chat import JinjaTemplate, Message, make_template
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.padded import PaddedBatches
 from llmtrain.data.splits import Splits
-from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, document, question,
+from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, question,
                                      split_examples)
 from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.generate import greedy_decode
@@ -190,7 +190,12 @@ class BuiltinTask(Splits):
         return RowBatches(rows_NT, batch_size, self.seed)
 
     def _pack(self, examples: list[Example]) -> Tensor:
-        docs = [self.tokenizer.encode(document(e), bos=True, eos=True) for e in examples]
+        # The question and the answer are encoded apart, so that a document starts with exactly the
+        # ids `prompt_ids` gives at evaluation: a BPE tokenizer would otherwise merge the space after
+        # "Answer:" into the answer's first token, and the eval prompt (ending in a lone space token)
+        # would be a token sequence training never showed. The byte tokenizer gives the same ids either way.
+        docs = [self.tokenizer.encode(question(e), bos=True) + self.tokenizer.encode(e.answer, eos=True)
+                for e in examples]
         rows_NT = pack_documents(docs, self.seq_len)
         if len(rows_NT) == 0:
             raise ValueError(f"{len(examples)} examples do not fill one row of seq_len={self.seq_len} tokens")

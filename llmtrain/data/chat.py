@@ -11,13 +11,20 @@ everything else (<bos>, role markers, system and user turns, padding) is IGNORE_
   tokenizer_config.json). The assistant spans are found by rendering growing prefixes of the
   conversation: the text a message adds is the difference between two renderings, so any template
   whose rendering of a prefix is a prefix of the whole works (the common ones do; one that is not
-  is refused with the message index).
+  is refused with the message index). Special-token text in the rendering (`{{ eos_token }}`,
+  `<|im_end|>` when the tokenizer has it) becomes that token's id whatever the tokenizer, as in
+  Hugging Face tokenizers; the byte tokenizer alone would spell "<eos>" out as five bytes, and a
+  model that never sees the real EOS as a target never stops generating.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -69,6 +76,35 @@ class JinjaTemplate:
         self.tokenizer = tokenizer
         names = {i: token for token, i in tokenizer.special_tokens.items()}
         self.specials = {"bos_token": names.get(tokenizer.bos_id, ""), "eos_token": names.get(tokenizer.eos_id, "")}
+        longest_first = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
+        self._warn_without_eos()
+
+    def _warn_without_eos(self) -> None:
+        """Generation stops at the tokenizer's EOS id; a template whose assistant turn never ends with
+        it trains a model that runs on to max_new_tokens (and scores 0 on exact-match evaluation)."""
+        probe = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
+        try:
+            ids, labels = self.encode(probe)
+        except Exception:           # templates that need other roles or fields: nothing to check here
+            return
+        if self.tokenizer.eos_id not in [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]:
+            log.warning("data.chat_template: an assistant turn does not end with the tokenizer's EOS token "
+                        "(%s, id %d), so a model trained on it never learns to stop; end the turn with "
+                        "{{ eos_token }} or use a tokenizer whose EOS is the template's end-of-turn marker",
+                        self.specials["eos_token"] or "unnamed", self.tokenizer.eos_id)
+
+    def _encode(self, text: str) -> list[int]:
+        """Ids of rendered text: special-token strings as their ids, the text between by the tokenizer."""
+        if self._special_re is None:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._special_re.split(text)):
+            if i % 2:
+                ids.append(self.tokenizer.special_tokens[piece])
+            elif piece:
+                ids += self.tokenizer.encode(piece)
+        return ids
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
@@ -86,14 +122,14 @@ class JinjaTemplate:
                 if not text.startswith(rendered):
                     raise ValueError(f"chat template: rendering messages[:{i + 1}] does not extend the rendering "
                                      "of the messages before it, so assistant tokens cannot be located")
-                piece = self.tokenizer.encode(text[len(rendered):])
+                piece = self._encode(text[len(rendered):])
                 ids += piece
                 labels += piece if is_target else [IGNORE_INDEX] * len(piece)
                 rendered = text
         return ids, labels
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
+        return self._encode(self.render(messages, add_generation_prompt=True))
 
 
 def make_template(tokenizer: Any, source: str | None = None) -> ChatTemplate:

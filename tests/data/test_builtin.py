@@ -115,3 +115,28 @@ def test_bad_values_are_named(kwargs, match):
 def test_too_little_data_for_one_batch_is_named():
     with pytest.raises(ValueError, match="n_train=20"):
         BuiltinTask(ByteTokenizer(), n_train=20, n_eval=10, batch_size=32).setup("text")
+
+
+def test_with_a_bpe_tokenizer_the_eval_prompt_is_how_every_training_document_starts(tmp_path):
+    """Byte-level BPE merges the space after "Answer:" into the answer's first token when the two are
+    encoded together; the eval prompt, which ends at that space, must still be what training saw."""
+    from llmtrain.data.bpe import TokenizerFile, tokenizer_config, train_bpe, write_tokenizer_dir
+    from llmtrain.data.synthetic import document
+
+    probe = BuiltinTask(ByteTokenizer(), seed=0, n_train=300, n_eval=40, seq_len=64, cache=False)
+    probe.setup("text")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(document(e) for e in probe.train_examples), encoding="utf-8")
+    bpe = train_bpe([corpus], vocab_size=600)
+    (tmp_path / "tok").mkdir()
+    write_tokenizer_dir(bpe, tokenizer_config(bpe, bos="<bos>", eos="<eos>", pad="<pad>"), tmp_path / "tok")
+    tokenizer = TokenizerFile(str(tmp_path / "tok"))
+    english = next(e for e in probe.eval_examples if e.lang == "en")        # "... Answer: 42"
+    assert tokenizer.encode(document(english)) != tokenizer.encode(question(english)) + tokenizer.encode(english.answer)
+
+    task = BuiltinTask(tokenizer, seed=0, n_train=300, n_eval=40, seq_len=64, cache=False)
+    task.setup("text")
+    stream = task.eval.rows_NT.flatten().tolist()
+    for example in task.eval_examples[:10]:
+        doc = task.prompt_ids(example) + tokenizer.encode(example.answer, eos=True)
+        assert any(stream[i:i + len(doc)] == doc for i in range(len(stream) - len(doc) + 1)), example

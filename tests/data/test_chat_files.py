@@ -36,6 +36,31 @@ def test_a_jinja_template_targets_the_assistant_turns_and_renders_like_the_whole
     assert TOKENIZER.decode(template.encode_prompt(CHAT[:2])).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
+EOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_special_token_text_in_a_jinja_rendering_becomes_the_token_id_with_the_byte_tokenizer(caplog):
+    """The byte tokenizer would spell "<eos>" as five bytes: the model would never learn to stop."""
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.chat"):
+        template = make_template(TOKENIZER, EOS_TEMPLATE)
+    assert "does not end with the tokenizer's EOS" not in caplog.text
+    ids, labels = template.encode(CHAT[1:3])
+    special = TOKENIZER.special_tokens
+    assert ids == [TOKENIZER.bos_id, special["<|user|>"], *TOKENIZER.encode("2+2?"), TOKENIZER.eos_id,
+                   special["<|assistant|>"], *TOKENIZER.encode("4"), TOKENIZER.eos_id]
+    assert [t for t, label in zip(ids, labels) if label != -100] == [*TOKENIZER.encode("4"), TOKENIZER.eos_id]
+    assert template.encode_prompt(CHAT[1:2])[-1] == special["<|assistant|>"]
+    # Same ids as the default template, which uses the special tokens directly.
+    assert (ids, labels) == SpecialTokenTemplate(TOKENIZER).encode(CHAT[1:3])
+
+
+def test_a_jinja_template_whose_turns_never_end_with_eos_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="llmtrain.data.chat"):
+        make_template(TOKENIZER, CHATML)          # <|im_end|> is plain text to the byte tokenizer
+    assert "does not end with the tokenizer's EOS token (<eos>, id 2)" in caplog.text
+
+
 def test_the_default_template_is_the_special_token_one():
     template = make_template(TOKENIZER)
     assert isinstance(template, SpecialTokenTemplate)
