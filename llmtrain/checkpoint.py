@@ -9,7 +9,10 @@ Layout of `checkpoints/step_000200/`:
 
 Every checkpoint is written into a hidden temporary folder that is renamed into place, and then
 `latest` is repointed with an atomic symlink replace: a crash at any moment leaves `latest`
-pointing at a complete checkpoint. A write that fails (a full disk) removes what it created and
+pointing at a complete checkpoint. Replacing a step folder that `latest` names (a resume from an
+older checkpoint) moves `latest` onto the complete temporary folder, then onto the old folder's
+new name, before each rename. Each rename and repoint is followed by an fsync of its directory,
+so it also survives a power loss. A write that fails (a full disk) removes what it created and
 raises OSError, leaving the earlier checkpoints and `latest` as they were.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -74,6 +78,27 @@ def _fsync_tree(path: Path) -> None:
     for file in path.iterdir():
         with file.open("rb") as handle:
             os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory, which makes the entries created, renamed or replaced in it durable.
+
+    A file's own fsync does not cover its name (POSIX): without this, a power loss after a save can
+    bring back the old `latest` or no step folder at all. Windows cannot open a directory (no
+    O_DIRECTORY) and journals renames itself; a filesystem that cannot fsync directories (EINVAL)
+    has nothing to flush. Any other error (EIO) is raised.
+    """
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def os_error(error: BaseException) -> OSError | None:
@@ -146,9 +171,11 @@ def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
     if not trainer.hardware.is_rank0:
         return final
     root.mkdir(parents=True, exist_ok=True)
+    _fsync_dir(root.parent)                     # `checkpoints/` itself, the first time
     tmp = root / f".tmp_{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)                      # debris of a write that was killed
+    latest_before = os.readlink(root / "latest") if (root / "latest").is_symlink() else None
     placed = aside = None
     try:
         tmp.mkdir()
@@ -157,24 +184,50 @@ def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
         if final.exists():                      # e.g. resumed from an older checkpoint: keep, never overwrite
             aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")
             log.warning("checkpoint %s already exists; moved to %s", final, aside.name)
-            final.rename(aside)
+            _move_aside(root, final, aside, tmp)
         tmp.rename(final)
         placed = final
+        _fsync_dir(root)
         _point_latest(root, final.name)
     except BaseException:                       # OSError, or a second Ctrl-C in the middle of the write
-        _undo(placed or tmp, aside, final, root / ".latest.tmp")
+        _undo(placed or tmp, aside, final, root, latest_before)
         raise
     return final
 
 
-def _undo(created: Path, aside: Path | None, final: Path, link: Path) -> None:
-    """Remove what a failed save created and put back what it moved aside; each part best effort."""
+def _move_aside(root: Path, final: Path, aside: Path, tmp: Path) -> None:
+    """Rename `final` to `aside`; if `latest` names `final`, it names a complete checkpoint throughout.
+
+    `latest` is first moved onto `tmp` (complete and fsynced), then onto `aside`, because the next
+    step, renaming `tmp` to `final`, takes `tmp`'s name away. Without this, a crash between the
+    renames left `latest` dangling and `resume=<run dir>` found "no checkpoint there".
+    """
+    follows = (root / "latest").resolve() == final.resolve()
+    if follows:
+        _point_latest(root, tmp.name)
+    final.rename(aside)
+    _fsync_dir(root)
+    if follows:
+        _point_latest(root, aside.name)
+
+
+def _undo(created: Path, aside: Path | None, final: Path, root: Path, latest_before: str | None) -> None:
+    """Remove what a failed save created, put back what it moved aside and point `latest` where it
+    pointed before; each part best effort."""
     shutil.rmtree(created, ignore_errors=True)
     with contextlib.suppress(OSError):
         if aside is not None:
             aside.rename(final)
+    latest = root / "latest"
     with contextlib.suppress(OSError):
-        link.unlink(missing_ok=True)
+        current = os.readlink(latest) if latest.is_symlink() else None
+        if current != latest_before:
+            if latest_before is None:
+                latest.unlink()
+            else:
+                _point_latest(root, latest_before)
+    with contextlib.suppress(OSError):
+        (root / ".latest.tmp").unlink(missing_ok=True)
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -183,6 +236,7 @@ def _point_latest(root: Path, name: str) -> None:
         link.unlink()
     link.symlink_to(name)                       # relative: the run directory can be moved
     os.replace(link, root / "latest")
+    _fsync_dir(root)
 
 
 def prune(root: Path, keep_last: int) -> None:

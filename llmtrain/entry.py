@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from llmtrain.checkpoint import load_checkpoint
 from llmtrain.launch import launch, under_launcher
 from llmtrain.pretrained import build, load_weights, source_model_node, stage_record
-from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, save_resolved_config
+from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, relocate, save_resolved_config
 from llmtrain.trainer import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,12 @@ def command_line_overrides() -> list[str]:
 def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     """The config a checkpoint was written with, plus the overrides given now (e.g. a longer max_steps).
 
-    Resuming from the snapshot, not from today's conf/ files, is what makes resume exact.
+    Resuming from the snapshot, not from today's conf/ files, is what makes resume exact. Its paths
+    inside the run directory it was written in are moved to the directory resumed now, so that a
+    copied or moved run directory goes on in place instead of writing into the original.
     """
     saved = OmegaConf.create((checkpoint / "config.yaml").read_text())
+    saved = relocate(saved, str(saved.paths.output_dir), str(cfg.paths.output_dir))
     for override in command_line_overrides():
         key = override.lstrip("+~").split("=", 1)[0]
         if key in ("resume", "paths.output_dir") or key.startswith("hydra."):
@@ -163,7 +166,8 @@ def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str
         model = build_model(cfg, hardware, data.tokenizer.vocab_size)
         strategy = instantiate(cfg.strategy)
         data.setup(strategy.format)                    # an impossible pairing fails here, naming both
-        strategy.setup(model, data)                    # the plain model (DPO copies it); before a resume
+        with hardware.autocast():                      # DPO's precomputed reference: as the loss scores the policy
+            strategy.setup(model, data)                # the plain model (DPO copies it); before a resume
         model = hardware.prepare(model)                # checkpointing, compile, DDP/FSDP: in place
         optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
         make_scheduler = instantiate(cfg.scheduler)

@@ -33,13 +33,14 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Se
     """Split trainable parameters into optimizer groups by the first matching rule.
 
     Returns:
-        Non-empty groups, each with `params`, `names`, `lr` and `weight_decay`.
+        Non-empty groups, each with `params`, `names`, `lr`, `weight_decay` and the rule's `pattern`
+        (None for the last group, the parameters no rule matched, which follow optimizer.lr).
     """
     for rule in rules:
         _check_rule(rule)
-    groups = [{"params": [], "names": [], "lr": r.get("lr", lr), "weight_decay": r.get("weight_decay", weight_decay)}
-              for r in rules]
-    groups.append({"params": [], "names": [], "lr": lr, "weight_decay": weight_decay})
+    groups = [{"params": [], "names": [], "lr": r.get("lr", lr), "weight_decay": r.get("weight_decay", weight_decay),
+               "pattern": r["pattern"]} for r in rules]
+    groups.append({"params": [], "names": [], "lr": lr, "weight_decay": weight_decay, "pattern": None})
     for name, param in named_parameters:
         if not param.requires_grad:
             continue

@@ -57,26 +57,6 @@ def first_difference(original: Sequence[dict[str, Any]], again: Sequence[dict[st
     return None
 
 
-def relocate(cfg: Any, old: str, new: str) -> Any:
-    """The snapshot with every path inside the original run directory moved into `new`.
-
-    The snapshot is resolved, so `${paths.output_dir}/metrics.jsonl` is already the original's
-    absolute path; left alone, the reproduction would write into the original run.
-    """
-    from omegaconf import OmegaConf
-
-    def move(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
-            return new + value[len(old):]
-        return value
-
-    return OmegaConf.create(move(OmegaConf.to_container(cfg)))
-
-
 def provenance_warnings(record: dict[str, Any]) -> list[str]:
     """What differs between the original run's environment and this one."""
     from llmtrain.rundir import git_state, package_versions
@@ -107,7 +87,10 @@ def resumed_changes(run_dir: Path, cfg: Any) -> list[str]:
     final = run_dir / "checkpoints" / "latest" / "config.yaml"
     if not final.is_file():
         return []
-    ended = _flatten(OmegaConf.to_container(OmegaConf.create(final.read_text())))
+    from llmtrain.rundir import relocate
+    ended_cfg = OmegaConf.create(final.read_text())   # a moved run's paths: compared from the same place
+    ended_cfg = relocate(ended_cfg, str(ended_cfg.paths.output_dir), str(cfg.paths.output_dir))
+    ended = _flatten(OmegaConf.to_container(ended_cfg))
     started = _flatten(OmegaConf.to_container(cfg))
     changed = sorted(key for key in started.keys() | ended.keys()
                      if key != "resume" and started.get(key) != ended.get(key))
@@ -137,7 +120,7 @@ def reproduce(run_dir: Path, overrides: Sequence[str] = (), out: Path | None = N
     from omegaconf import OmegaConf
 
     from llmtrain.entry import train
-    from llmtrain.rundir import claim_new_dir
+    from llmtrain.rundir import claim_new_dir, relocate
 
     snapshot, record_path = run_dir / "resolved_config.yaml", run_dir / "run.json"
     if not snapshot.is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -20,11 +21,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 PACKAGES = ("torch", "hydra-core", "omegaconf", "safetensors", "rich", "wandb", "numpy", "llmtrain")
 
 
 def find_checkpoint(path: str | os.PathLike, option: str = "resume") -> Path:
     """The checkpoint folder that `<option>=<path>` names: a run directory or one of its checkpoints.
+
+    A run directory means its `checkpoints/latest`; if that names no complete checkpoint, the
+    newest complete step folder, with a warning.
 
     Raises:
         ValueError: the path does not exist or holds no checkpoint (the message starts with `option=path`).
@@ -38,8 +43,42 @@ def find_checkpoint(path: str | os.PathLike, option: str = "resume") -> Path:
         return latest.resolve()
     if not path.exists():
         raise ValueError(f"{option}={given}: no such directory")
+    if (newest := newest_complete_step(path / "checkpoints")) is not None:
+        log.warning("%s=%s: %s names no complete checkpoint; using the newest complete checkpoint, %s "
+                    "(to choose another, give %s=%s/checkpoints/step_N)", option, given, latest, newest.name,
+                    option, given)
+        return newest.resolve()
     raise ValueError(f"{option}={given}: no checkpoint there (expected {latest}/meta.json); "
                      "was the run stopped before its first checkpoint?")
+
+
+def newest_complete_step(root: Path) -> Path | None:
+    """The highest step_N folder under `root` that holds meta.json (written last, so: complete).
+
+    The fallback when `latest` dangles, which a save never leaves behind (llmtrain.checkpoint) but a
+    hand edit, a partial copy or a crash on a filesystem without atomic renames can.
+    """
+    steps = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()]
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+
+
+def relocate(cfg: DictConfig, old: str, new: str) -> DictConfig:
+    """The config with every path inside the run directory `old` moved into `new`.
+
+    Snapshots and checkpoint configs are resolved, so `${paths.output_dir}/metrics.jsonl` is already
+    the original's absolute path; left alone, a reproduction, or a resume of a moved or copied run
+    directory, would write into the original run.
+    """
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+            return new + value[len(old):]
+        return value
+
+    return OmegaConf.create(move(OmegaConf.to_container(cfg)))
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -93,11 +132,25 @@ def claim_new_dir(path: str | os.PathLike) -> str:
     raise AssertionError("unreachable")
 
 
-def _snapshot_dir_resolver(resume: str | None) -> str | None:
+def holds_run(output_dir: str | os.PathLike) -> bool:
+    """Whether a run claimed `output_dir` (its run.json exists; llmtrain.entry.claim_run_dir)."""
+    return (Path(output_dir) / "run.json").exists()
+
+
+def _snapshot_dir_resolver(resume: str | None, *, _root_: DictConfig) -> str | None:
+    """hydra.output_subdir: where Hydra writes the job's .hydra/ snapshot, or None for no snapshot.
+
+    Hydra writes it before the job starts, so before entry.claim_run_dir refuses a new run in a
+    directory that already holds one (hydra.run.dir=<old run>, or a sweep rerun into its sweep dir):
+    that run's .hydra/ would already describe the refused overrides. Such a job gets no snapshot,
+    and the refusal leaves the directory as it was. Not cached: each job of a sweep has its own
+    directory, known only once Hydra has set hydra.runtime.output_dir for it.
+    """
     if rank() != 0:
         return None                                                  # Hydra writes no .hydra/ then
     if resume is None:
-        return ".hydra"
+        output_dir = OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None)
+        return None if output_dir is not None and holds_run(output_dir) else ".hydra"
     return f".hydra/resume_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"   # never overwrite the original
 
 
@@ -105,8 +158,7 @@ def register_resolvers() -> None:
     """Resolvers used by conf/hydra/default.yaml; must run before @hydra.main composes."""
     OmegaConf.register_new_resolver("llmtrain.run_dir", _run_dir_resolver, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("llmtrain.new_dir", claim_new_dir, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True,
-                                    use_cache=True)
+    OmegaConf.register_new_resolver("llmtrain.snapshot_dir", _snapshot_dir_resolver, replace=True)
     OmegaConf.register_new_resolver("llmtrain.rank0_file", _rank0_file_resolver, replace=True)
 
 

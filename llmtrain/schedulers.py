@@ -66,10 +66,11 @@ def sgdr(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, cycle_st
     _check(warmup_steps, min_rate)
     if cycle_steps < 1 or t_mult < 1:
         raise ValueError(f"scheduler.cycle_steps={cycle_steps} and t_mult={t_mult} must be >= 1")
-    if not _ends_a_cycle(total_steps - warmup_steps, cycle_steps, t_mult):
+    before, after = _nearest_cycle_ends(total_steps - warmup_steps, cycle_steps, t_mult)
+    if after != total_steps - warmup_steps:
         log.warning("sgdr: %d steps after warmup stop in the middle of a cycle (at a high lr); "
                     "cycles end after %s steps", total_steps - warmup_steps,
-                    _cycle_ends(total_steps - warmup_steps, cycle_steps, t_mult))
+                    f"{before} or {after}" if before > 0 else after)
     fn = functools.partial(sgdr_multiplier, warmup_steps=warmup_steps, cycle_steps=cycle_steps,
                            t_mult=t_mult, min_rate=min_rate)
     return LambdaLR(optimizer, fn)
@@ -81,14 +82,17 @@ def constant(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> L
     return LambdaLR(optimizer, functools.partial(constant_multiplier, warmup_steps=warmup_steps))
 
 
-def _cycle_ends(limit: int, cycle_steps: int, t_mult: int) -> list[int]:
-    ends, end, length = [], cycle_steps, cycle_steps
-    while end <= limit + length and len(ends) < 8:
-        ends.append(end)
-        length *= t_mult
+def _nearest_cycle_ends(steps: int, cycle_steps: int, t_mult: int) -> tuple[int, int]:
+    """(the last cycle end before `steps`, or 0; the first end at or after `steps`).
+
+    Every end is walked, not a fixed few: a 3000-step run of 2-step cycles ends on its 1500th. With
+    t_mult=1 the ends are the multiples of cycle_steps, computed rather than walked one by one.
+    """
+    if t_mult == 1:
+        after = max(1, -(-steps // cycle_steps)) * cycle_steps      # ceil, and at least the first end
+        return after - cycle_steps, after
+    before, end, length = 0, cycle_steps, cycle_steps
+    while end < steps:                    # lengths grow geometrically: a few dozen iterations at most
+        before, length = end, length * t_mult
         end += length
-    return ends
-
-
-def _ends_a_cycle(steps: int, cycle_steps: int, t_mult: int) -> bool:
-    return steps in _cycle_ends(steps, cycle_steps, t_mult)
+    return before, end

@@ -7,6 +7,8 @@ Hydra callbacks (registered in conf/hydra/default.yaml) do the writing:
   sweep's summary under a file lock. So the summary is complete after the last job ends, also when
   a job failed: then the basic launcher re-raises after the remaining jobs and never calls
   `on_multirun_end` (HYDRA.md 4.5), and callback state kept in memory would be lost with joblib.
+  A job refused because its directory already holds a run (a sweep rerun into the same sweep dir)
+  writes no result.json: the one there is that run's, and its summary row stays true.
 - `JobResult.on_multirun_end` rebuilds it once more and says where it is.
 
 `llmtrain summarize <sweep dir>` rebuilds the files from what the jobs left on disk (result.json,
@@ -68,9 +70,13 @@ class JobResult(Callback):
 
     def __init__(self) -> None:
         self.started: float | None = None
+        self.held_run = False          # the job's directory held a run before it started: it will be refused
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from llmtrain.rundir import holds_run          # here: `llmtrain summarize` need not import torch
+
         self.started = time.time()
+        self.held_run = config.get("resume") is None and holds_run(config.hydra.runtime.output_dir)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -82,10 +88,15 @@ class JobResult(Callback):
                   "return_value": value if status == "COMPLETED" and _is_number(value) else None,
                   "error": None if status == "COMPLETED" else _one_line(value),
                   "duration_s": None if self.started is None else round(time.time() - self.started, 3)}
-        if status != "COMPLETED":
+        refused = self.held_run and status != "COMPLETED"     # by entry.claim_run_dir
+        if refused:
+            log.error("job %s (%s) was refused, its directory is left as it was: %s", job_dir.name,
+                      " ".join(result["overrides"]), result["error"])
+        elif status != "COMPLETED":
             log.error("job %s (%s) failed: %s", job_dir.name, " ".join(result["overrides"]), result["error"],
                       exc_info=value if isinstance(value, BaseException) else None)
-        _write_atomic(job_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        if not refused:               # else result.json stays the earlier run's: its row keeps its own overrides
+            _write_atomic(job_dir / "result.json", json.dumps(result, indent=2) + "\n")
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             rebuild(sweep_dir)

@@ -87,11 +87,21 @@ def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int
     """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first."""
     if max_steps is None and epochs is None:
         raise ValueError("trainer.max_steps and trainer.epochs are both null: set at least one")
+    for name, value in (("max_steps", max_steps), ("epochs", epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"trainer.{name}={value} must be >= 1 or null")
     if batches_per_epoch < 1:
         raise ValueError("the training split holds no full batch: lower data.batch_size or add data")
     per_epoch = math.ceil(batches_per_epoch / accumulation_steps)   # a short last window still steps
     limits = [n for n in (max_steps, None if epochs is None else epochs * per_epoch) if n is not None]
     return min(limits)
+
+
+def logged_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The param group whose lr the `lr` metric shows: optimizer.lr's own (llmtrain.optim marks it
+    with pattern None; rule groups such as HRPO's gates come first), else the first group."""
+    return next((g for g in optimizer.param_groups if "pattern" in g and g["pattern"] is None),
+                optimizer.param_groups[0])
 
 
 def windows(batches: Iterable[dict[str, Tensor]], size: int) -> Iterator[list[dict[str, Tensor]]]:
@@ -126,6 +136,8 @@ class Trainer:
             raise ValueError(f"trainer.accumulation_steps={accumulation_steps} must be >= 1")
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"trainer.eval_every={eval_every} must be >= 1 or null")
+        if eval_batches is not None and eval_batches < 1:
+            raise ValueError(f"trainer.eval_batches={eval_batches} must be >= 1 or null (null: the whole split)")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"trainer.nonfinite={nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
         if max_nonfinite_steps < 1:
@@ -213,7 +225,7 @@ class Trainer:
         summed = self.hardware.all_reduce_sum(torch.stack(list(totals.values())))   # over ranks: rank 0 logs them
         values = dict(zip([*totals, "grad_norm"], torch.cat([summed, norm[None]]).tolist()))  # one sync
         grad_norm = values.pop("grad_norm")
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = logged_group(self.optimizer)["lr"]
         updated = self._update(values["loss"], grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         if updated:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ from safetensors import SafetensorError
 import llmtrain.checkpoint as ckpt
 from llmtrain.callbacks.base import Callback
 from llmtrain.callbacks.checkpoint import Checkpoint
+from llmtrain.callbacks.metrics import JsonlMetrics
+from llmtrain.callbacks.samples import SamplesJsonl
 from llmtrain.checkpoint import load_checkpoint, prune, save_checkpoint
+from llmtrain.rundir import find_checkpoint
 from tests.conftest import REPO
 from tests.test_trainer import make_trainer
 
@@ -167,9 +171,19 @@ def fail_os(target, name: str):
     return patch
 
 
+def fail_fsync_after_latest(monkeypatch):
+    fsync_dir = ckpt._fsync_dir
+
+    def fail(path):
+        if (path / "latest").resolve().name == "step_000002":      # latest was just repointed: not yet durable
+            raise OSError(errno.ENOSPC, ENOSPC)
+        fsync_dir(path)
+    monkeypatch.setattr(ckpt, "_fsync_dir", fail)
+
+
 FAILURES = {"model.safetensors": fail_safetensors, "resume.pt": fail_torch_save, "meta.json": fail_meta_json,
             "fsync": fail_os(ckpt.os, "fsync"), "rename": fail_os(pathlib.Path, "rename"),
-            "symlink": fail_os(pathlib.Path, "symlink_to")}
+            "symlink": fail_os(pathlib.Path, "symlink_to"), "fsync of latest": fail_fsync_after_latest}
 
 
 @pytest.mark.parametrize("point", FAILURES)
@@ -196,6 +210,26 @@ def test_a_full_disk_while_replacing_a_step_folder_puts_the_old_one_back(tmp_pat
         save_checkpoint(tmp_path, trainer, "second")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert (tmp_path / "latest" / "config.yaml").read_text() == "first"
+
+
+@pytest.mark.parametrize("name, nth", [("symlink_to", 1), ("rename", 1), ("symlink_to", 2), ("rename", 2),
+                                       ("symlink_to", 3)])
+def test_a_failure_at_any_step_of_a_replacement_puts_the_folder_and_latest_back(name, nth, tmp_path, monkeypatch):
+    trainer = trained(1)
+    save_checkpoint(tmp_path, trainer, "first")                 # latest -> step_000001, which is replaced next
+    calls, real = itertools.count(1), getattr(pathlib.Path, name)
+
+    def fail_nth(*args, **kwargs):
+        if next(calls) == nth:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pathlib.Path, name, fail_nth)
+    with pytest.raises(OSError, match=ENOSPC):
+        save_checkpoint(tmp_path, trainer, "second")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert os.readlink(tmp_path / "latest") == "step_000001"
     assert (tmp_path / "latest" / "config.yaml").read_text() == "first"
 
 
@@ -238,3 +272,104 @@ def test_a_failed_final_save_fails_the_run(every_steps, tmp_path, monkeypatch, c
     final = caplog.records[-1].getMessage()
     assert final.startswith("checkpoint of step 2 was NOT saved") and "no earlier checkpoint" in final
     assert final.endswith("this was the run's final save, so the run fails.") and trainer.step == 2
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: raised in the middle of a save whose clean-up is disabled."""
+
+
+def test_a_crash_between_the_renames_of_a_replaced_step_leaves_latest_complete(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    trainer = trained(1)
+    save_checkpoint(root, trainer, "first")                    # latest -> step_000001, about to be replaced
+    rename = pathlib.Path.rename
+
+    def killed_after_moving_aside(self, target):
+        moved = rename(self, target)
+        if ".replaced_" in pathlib.Path(target).name:
+            raise Killed
+        return moved
+    monkeypatch.setattr(pathlib.Path, "rename", killed_after_moving_aside)
+    monkeypatch.setattr(ckpt, "_undo", lambda *args, **kwargs: None)     # a killed process cleans nothing up
+    with pytest.raises(Killed):
+        save_checkpoint(root, trainer, "second")
+    monkeypatch.undo()
+    assert (root / "latest" / "meta.json").is_file()
+    assert load_checkpoint(find_checkpoint(tmp_path), make_trainer(1, 1))["step"] == 1    # resume=<run dir>
+
+
+def test_latest_names_a_complete_checkpoint_after_every_rename_of_a_replacement(tmp_path, monkeypatch):
+    trainer = trained(1)
+    save_checkpoint(tmp_path, trainer, "first")
+    rename, replace, seen = pathlib.Path.rename, os.replace, []
+
+    def checked(move):
+        def wrapper(*args):
+            move(*args)
+            seen.append((tmp_path / "latest" / "meta.json").is_file())     # a crash right here would see this
+        return wrapper
+    monkeypatch.setattr(pathlib.Path, "rename", checked(rename))
+    monkeypatch.setattr(ckpt.os, "replace", checked(replace))
+    save_checkpoint(tmp_path, trainer, "second")
+    monkeypatch.undo()
+    assert len(seen) >= 3 and all(seen)
+    assert (tmp_path / "latest" / "config.yaml").read_text() == "second"
+
+
+def test_resume_falls_back_to_the_newest_complete_step_when_latest_dangles(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    trainer = trained(1)
+    for step in (1, 2):
+        trainer.step = step
+        save_checkpoint(root, trainer, "")
+    (root / "step_000003").mkdir()                             # a folder without meta.json is not complete
+    (root / "latest").unlink()
+    (root / "latest").symlink_to("step_000004")
+    assert find_checkpoint(tmp_path) == (root / "step_000002").resolve()
+    assert "using the newest complete checkpoint, step_000002" in caplog.text
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names each fsynced descriptor from /proc (Linux)")
+def test_renames_and_latest_are_made_durable_by_fsyncing_their_directories(tmp_path, monkeypatch):
+    trainer = trained(1)
+    save_checkpoint(tmp_path, trainer, "first")
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def logged_fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            events.append(("fsync dir", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        replace(src, dst)
+        events.append(("replace", str(dst)))
+    monkeypatch.setattr(ckpt.os, "fsync", logged_fsync)
+    monkeypatch.setattr(ckpt.os, "replace", logged_replace)
+    trainer.step = 2
+    save_checkpoint(tmp_path, trainer, "second")
+    monkeypatch.undo()
+    root = str(tmp_path.resolve())
+    assert ("fsync dir", f"{root}/.tmp_step_000002") in events           # the files' entries, before the rename
+    assert events[-2:] == [("replace", f"{tmp_path}/latest"), ("fsync dir", root)]
+
+
+@pytest.mark.parametrize("jsonl", [JsonlMetrics, SamplesJsonl])
+def test_resume_drops_a_last_line_cut_short_by_a_killed_process(jsonl, tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"step": 12, "loss": 1.0}\n{"step": 13, "loss": 0.9}\n{"step": 14, "lo')
+    callback = jsonl(str(path))
+    callback.on_train_begin(types.SimpleNamespace(step=13))      # resumed from the checkpoint of step 13
+    if isinstance(callback, JsonlMetrics):
+        callback.on_train_end(None)                                # closes the file it opened to append
+    assert path.read_text() == '{"step": 12, "loss": 1.0}\n{"step": 13, "loss": 0.9}\n'
+    assert f"{path}:3" in caplog.text and "cut short" in caplog.text
+
+
+@pytest.mark.parametrize("jsonl", [JsonlMetrics, SamplesJsonl])
+def test_resume_refuses_a_broken_line_in_the_middle_naming_file_and_line(jsonl, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    text = '{"step": 12, "loss": 1.0}\n{"step": 13, "lo\n{"step": 14, "loss": 0.8}\n'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}:2: "):
+        jsonl(str(path)).on_train_begin(types.SimpleNamespace(step=13))
+    assert path.read_text() == text                            # left as it was, for the user to look at

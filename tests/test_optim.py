@@ -102,3 +102,16 @@ def test_a_fused_step_moves_the_version_counters_so_no_grad_weight_copies_follow
     opt.step()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_the_lr_metric_follows_optimizer_lr_not_the_first_rule_group():
+    """HRPO's gate group (lr 1e-4) comes first; `lr` in metrics.jsonl must be the base lr."""
+    import torch
+
+    from llmtrain.trainer import logged_group
+    opt = adamw(Tiny().named_parameters(), lr=3e-3, groups=[{"pattern": "embed.*", "lr": 1e-4}])
+    assert opt.param_groups[0]["lr"] == 1e-4 and logged_group(opt)["lr"] == 3e-3
+    only_rules = adamw(Tiny().named_parameters(), lr=3e-3, groups=[{"pattern": "*", "lr": 1e-4}])
+    assert logged_group(only_rules)["lr"] == 1e-4          # no unmatched parameter: the first group
+    plain = torch.optim.SGD(Tiny().parameters(), lr=0.5)   # a user's own optimizer
+    assert logged_group(plain)["lr"] == 0.5

@@ -74,3 +74,12 @@ def test_sgdr_warns_when_training_stops_mid_cycle(caplog):
     caplog.clear()
     sgdr(opt, total_steps=14, cycle_steps=2, t_mult=2)
     assert "middle of a cycle" not in caplog.text
+
+
+def test_sgdr_does_not_warn_when_a_long_run_ends_on_a_late_cycle(caplog):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sgdr(opt, total_steps=3000, cycle_steps=2, t_mult=1)           # the 1500th end, far past the first 8
+    sgdr(opt, total_steps=100 + 2046, warmup_steps=100, cycle_steps=2, t_mult=2)   # the 10th end
+    assert "middle of a cycle" not in caplog.text
+    sgdr(opt, total_steps=3001, cycle_steps=2, t_mult=1)
+    assert "cycles end after 3000 or 3002 steps" in caplog.text    # the nearest ends, not the first 8

@@ -128,3 +128,37 @@ def test_the_job_result_callback_is_registered(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     compose_cfg(f"paths.output_dir={tmp_path}")
     assert HydraConfig.get().callbacks.job_result._target_ == "llmtrain.sweep.JobResult"
+
+
+def job_end(job_dir: Path, status: str, value) -> None:
+    """JobResult's hooks for one job of a multirun in `job_dir`, as Hydra calls them."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+    from hydra.types import RunMode
+
+    hydra = {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(job_dir.parent)}, "runtime": {"output_dir": str(job_dir)}}
+    config = OmegaConf.create({"resume": None, "hydra": hydra})
+    job_dir.mkdir(exist_ok=True)                                   # Hydra creates it before the job starts
+    callback = sweep.JobResult()
+    callback.on_job_start(config)
+    if status == "COMPLETED":                                      # what entry.claim_run_dir leaves for a new run
+        (job_dir / "run.json").write_text('{"status": "completed"}')
+    callback.on_job_end(config, SimpleNamespace(status=JobStatus[status], _return_value=value,
+                                                overrides=["optimizer.lr=0.1"]))
+
+
+def test_a_job_refused_because_its_directory_holds_a_run_keeps_that_runs_result(tmp_path):
+    job = make_job(tmp_path, "0", ["optimizer.lr=1e-4"], {"status": "COMPLETED", "duration_s": 3.0},
+                   {"status": "completed", "final_metrics": {"eval/loss": 4.8}}, curve(0.1))
+    before = (job / "result.json").read_text()
+    job_end(job, "FAILED", ValueError(f"{job} already holds a run (run.json)"))
+    assert (job / "result.json").read_text() == before
+    (row,) = csv.DictReader((tmp_path / "summary.csv").open())
+    assert (row["overrides"], row["status"], row["error"]) == ("optimizer.lr=1e-4", "COMPLETED", "")
+
+
+def test_a_new_job_writes_its_result(tmp_path):
+    job_end(tmp_path / "0", "COMPLETED", 4.5)
+    result = json.loads((tmp_path / "0" / "result.json").read_text())
+    assert (result["overrides"], result["status"], result["return_value"]) == (["optimizer.lr=0.1"], "COMPLETED", 4.5)

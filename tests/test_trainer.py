@@ -66,12 +66,13 @@ def uneven_rows() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_trainer(batch_size: int, accumulation_steps: int, callbacks=(), ffn=SwiGLU, **options) -> Trainer:
     torch.manual_seed(0)
+    options.setdefault("max_steps", 1)
     model = Transformer(vocab_size=50, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
                         n_kv_heads=2), ffn=functools.partial(ffn))
     return Trainer(model=model, strategy=NextToken(), data=RowData(*uneven_rows(), batch_size),
                    optimizer=adamw(model.named_parameters(), lr=1e-3), scheduler=constant,
                    hardware=Hardware(device="cpu", precision="fp32"), callbacks=list(callbacks),
-                   max_steps=1, accumulation_steps=accumulation_steps, **options)
+                   accumulation_steps=accumulation_steps, **options)
 
 
 def test_accumulated_window_has_the_gradients_of_one_big_batch():
@@ -258,5 +259,17 @@ def test_max_nonfinite_steps_in_a_row_stop_a_skipping_run():
     ({"max_nonfinite_steps": 0}, "trainer.max_nonfinite_steps=0 must be >= 1"),
 ])
 def test_bad_nonfinite_options_fail_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(1, 1, **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_steps": 0}, r"trainer.max_steps=0 must be >= 1 or null"),
+    ({"max_steps": -3}, r"trainer.max_steps=-3 must be >= 1 or null"),
+    ({"max_steps": None, "epochs": 0}, r"trainer.epochs=0 must be >= 1 or null"),
+    ({"eval_batches": 0}, r"trainer.eval_batches=0 must be >= 1 or null"),
+])
+def test_step_and_eval_counts_below_one_fail_before_training(options, message):
+    """Caught when the trainer is built, not at the first evaluation after hours of training."""
     with pytest.raises(ValueError, match=message):
         make_trainer(1, 1, **options)

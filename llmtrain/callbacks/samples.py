@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from llmtrain.callbacks.base import Callback
+from llmtrain.callbacks.metrics import keep_rows_up_to
 
 
 class SamplesJsonl(Callback):
@@ -26,8 +27,7 @@ class SamplesJsonl(Callback):
 
     def on_train_begin(self, trainer) -> None:
         if trainer.step > 0 and self.path.exists():      # resumed: rows after the checkpoint are written again
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.step]
-            self.path.write_text("".join(row + "\n" for row in rows))
+            keep_rows_up_to(self.path, trainer.step)
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         if not any(key.startswith("eval/") for key in metrics):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,25 @@ def test_resume_is_bit_exact(straight, tmp_path):
     record = json.loads((split / "run.json").read_text())
     assert record["status"] == "completed" and len(record["resumes"]) == 1
     assert (split / ".hydra/config.yaml").exists() and list((split / ".hydra").glob("resume_*"))
+
+
+def test_a_copied_run_directory_resumes_in_place_and_leaves_the_original_alone(straight, tmp_path):
+    """The checkpoint's config holds the original's absolute paths; resuming the copy must not use them."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    interrupted = run_cli(*RESUME_RUN, "+callbacks.stop={_target_:tests.e2e.interrupt.InterruptAt,step:25}",
+                          f"hydra.run.dir={original}")
+    assert interrupted.returncode != 0
+    shutil.copytree(original, copy, symlinks=True)
+    before = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    resumed = run_cli(f"resume={copy}", "+callbacks.stop=null")
+    assert resumed.returncode == 0, resumed.stderr
+    after = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    assert after == before
+    assert (copy / "checkpoints/latest").resolve().name == "step_000040"
+    assert (copy / "checkpoints/latest/model.safetensors").read_bytes() == \
+        (straight / "checkpoints/latest/model.safetensors").read_bytes()
+    assert [r["loss"] for r in rows(copy)] == [r["loss"] for r in rows(straight)]
+    assert json.loads((copy / "run.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])

@@ -44,6 +44,7 @@ def test_reproduce_matches_then_names_the_first_difference_after_a_config_change
     assert same.returncode == 0, same.stderr
     report = json.loads((tmp_path / "run.reproduce" / "reproduce.json").read_text())
     assert report["match"] and report["final_weights_identical"] and report["first_difference"] is None
+    assert not any("resumed" in w for w in report["warnings"])     # a run never resumed: no false alarm
     assert len(rows(tmp_path / "run.reproduce")) == len(rows(run)) == 8
     assert (run / "metrics.jsonl").read_text().count("\n") == 8      # the original is left alone
 
