@@ -16,6 +16,15 @@ saved folder holds; transformers 5.x fuses them on load into `mlp.experts.gate_u
 form too. Import refuses a non-zero shared_expert_gate or non-zero q/k/v biases for a model
 without biases, since llmtrain could not reproduce them (so Hub Qwen1.5-MoE checkpoints, whose
 shared expert is gated, are refused by name). RoPE uses the half-split layout on both sides.
+
+The last three rows hide llmtrain options that config.json has no key for (a zero
+bias looks like a trained one; `qkv_bias` must stay true for transformers 4.x). The export records
+them, with the exact aux-loss settings, under config.json's `"llmtrain"` key (the `attention` and
+`ffn` fields of the model node; transformers keeps unknown keys and ignores them), and `model_node`
+applies it, so export then import gives back the same state dict and options (SPECS 1.7). Exact
+for a `routed_scaling_factor` that is a power of two; any other factor, folded into the routed w2
+and divided out again, brings them back within one rounding (fp32, 2.5: 7% of entries 1 ulp off).
+A folder without the key (a Hub checkpoint) is read as Qwen2-MoE describes it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from llmtrain.models.moe import MoE
 from llmtrain.models.transformer import Transformer
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM",)
+LLMTRAIN_KEY = "llmtrain"       # config.json: {"attention": {...}, "ffn": {...}} merged into the model node
 
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _MOE_NAMES = [   # llmtrain name pattern -> HF name template
@@ -112,11 +122,15 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
         "output_router_logits": False,
         # HF's balance loss is K at uniform routing, ours 1 (SPECS 3.2): the same strength at balance.
         "router_aux_loss_coef": moe.aux_loss_coef / moe.n_experts_per_tok,
+        LLMTRAIN_KEY: {"attention": {"bias": attn.wq.bias is not None},
+                       "ffn": {"routed_scaling_factor": moe.routed_scaling_factor, "norm_topk_prob": moe.norm_topk_prob,
+                               "aux_loss_coef": moe.aux_loss_coef, "seq_aux": moe.seq_aux}},
     }
 
 
 def model_node(config: dict) -> dict:
-    """The llmtrain `model` node that rebuilds a Qwen2-MoE checkpoint's architecture.
+    """The llmtrain `model` node that rebuilds a Qwen2-MoE checkpoint's architecture, with the
+    llmtrain-only options an llmtrain export recorded under `LLMTRAIN_KEY` (see the module docstring).
 
     Raises:
         ValueError: naming the config.json keys llmtrain's MoE cannot reproduce.
@@ -139,6 +153,9 @@ def model_node(config: dict) -> dict:
                    "n_shared_experts": shared_size // moe_size, "expert_hidden_dim": moe_size,
                    "norm_topk_prob": config.get("norm_topk_prob", False), "routed_scaling_factor": 1.0,
                    "aux_loss_coef": config.get("router_aux_loss_coef", 0.001) * K, "seq_aux": True}
+    recorded = config.get(LLMTRAIN_KEY) or {}
+    node["attention"] |= recorded.get("attention", {})
+    node["ffn"] |= recorded.get("ffn", {})
     return node
 
 

@@ -10,17 +10,22 @@ any FFN (w2 residual-scaled), also after `to_empty` off the meta device, with no
 Dispatch sorts the N*K (token, expert) slots by expert, runs each expert once on its contiguous
 slice and `index_add_`s the weighted outputs back: a Python loop over experts, never over tokens,
 and the same code in train and eval mode (MiniMind keeps two paths that can drift, SPECS 3.4).
+With autograd on, an expert no token chose still runs on its empty slice, so that its weights join
+the graph and DDP sees every parameter used; without autograd (evaluation, rollouts) it is skipped.
 
 Load balancing (SPECS 3.2, DeepSeek normalisation: exactly `aux_loss_coef` at uniform routing):
 
     f_i = E / (K T) * #{t : i in TopK(t)},   P_i = mean_t s_{i,t},   aux = coef * sum_i f_i P_i
 
-over each sequence (`seq_aux=True`, DeepSeek / MiniMind 2025; averaged over the batch) or over all
-tokens of the forward (`seq_aux=False`). It is recorded only in training mode with autograd on,
-and collected by the trainer with `collect_aux_loss(model)` (one call per micro-batch), which
-keeps the strategies and the Transformer unaware of it; code that runs training forwards outside
-the Trainer should call it too, or the recorded terms (and their graphs) are kept. Padding tokens
-take part (no mask reaches the FFN), as in MiniMind.
+over the real tokens t of each sequence (`seq_aux=True`, DeepSeek / MiniMind 2025; averaged over
+the sequences that have any) or of the whole forward (`seq_aux=False`). Real tokens are those of
+`token_mask_BT` (1 = real, 0 = padding; None = all real), which the Transformer passes down from its
+own `token_mask_BT` / `attention_mask_BT`: padding takes no part in f or P, so appending fully padded
+rows leaves the loss unchanged (SPECS 3.4; MiniMind counts padding, having no mask), and a batch of
+padding alone records 0. It is recorded only in training mode with autograd on, and collected by
+the trainer with `collect_aux_loss(model)` (one call per micro-batch), which keeps the strategies
+unaware of it; code that runs training forwards outside the Trainer should call it too, or the
+recorded terms (and their graphs) are kept.
 
 K = 1 with renormalisation would make every routing weight exactly 1, so the LM loss would send
 no gradient to the router (SPECS 3.4). Like MiniMind 2025 and DeepSeek's remote code, this module
@@ -59,7 +64,7 @@ class MoE(nn.Module):
         norm_topk_prob: Renormalise the K selected scores to sum to 1 (ignored when K = 1, see above).
         routed_scaling_factor: Multiplies the routed weights, renormalised or not (DeepSeek-V2: 16).
         aux_loss_coef: alpha of the balance loss; 0 records none.
-        seq_aux: Balance per sequence (True) or over the whole forward's tokens (False).
+        seq_aux: Balance per sequence (True) or over the whole forward's tokens (False), real tokens only.
     """
 
     def __init__(self, dim: int, n_routed_experts: int = 4, n_experts_per_tok: int = 2, n_shared_experts: int = 1,
@@ -82,10 +87,16 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, n_routed_experts, bias=False)     # router W_g (E, D)
         self.experts = nn.ModuleList(SwiGLU(dim, expert_hidden_dim) for _ in range(n_routed_experts))
         self.shared = SwiGLU(dim, n_shared_experts * expert_hidden_dim) if n_shared_experts else None
-        self._balance: list[Tensor] = []     # sum_i f_i P_i per balance group, since the last collection
+        # Per forward since the last collection: (sum_i f_i P_i per balance group, 1 where the group
+        # has real tokens), both (G,); a group of padding alone has term 0 and does not count.
+        self._balance: list[tuple[Tensor, Tensor]] = []
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        """Returns y_BTD; in training mode with grad enabled also records the balance term."""
+    def forward(self, x_BTD: Tensor, token_mask_BT: Tensor | None = None) -> Tensor:
+        """Returns y_BTD; in training mode with grad enabled also records the balance term.
+
+        `token_mask_BT` (1 = real token) only selects the tokens the balance loss counts; every
+        token's output is computed the same way.
+        """
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         scores_NE = self.router_scores(x_ND)
@@ -94,9 +105,12 @@ class MoE(nn.Module):
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         if self.training and torch.is_grad_enabled() and self.aux_loss_coef > 0:
-            groups = B if self.seq_aux else 1
-            self._balance.append(balance(scores_NE.view(groups, -1, self.n_routed_experts),
-                                         expert_NK.view(groups, -1, self.n_experts_per_tok)))
+            G = B if self.seq_aux else 1
+            mask_GT = None if token_mask_BT is None else token_mask_BT.reshape(G, -1)
+            terms_G = balance(scores_NE.view(G, -1, self.n_routed_experts),
+                              expert_NK.view(G, -1, self.n_experts_per_tok), mask_GT)
+            groups_G = terms_G.new_ones(G) if mask_GT is None else mask_GT.any(dim=-1).to(terms_G.dtype)
+            self._balance.append((terms_G, groups_G))
         return y_ND.view(B, T, D)
 
     def router_scores(self, x_ND: Tensor) -> Tensor:
@@ -118,36 +132,52 @@ class MoE(nn.Module):
         order_S = expert_NK.flatten().argsort(stable=True)     # slots grouped by expert
         token_S = order_S // K
         counts = torch.bincount(expert_NK.flatten(), minlength=self.n_routed_experts).tolist()   # host sync
-        # An expert with no tokens still runs on an empty slice, so its weights join the graph
-        # (zero gradients) and DDP never sees unused parameters (SPECS 3.4).
+        # Under autograd an expert with no tokens still runs on an empty slice, so its weights join
+        # the graph (zero gradients) and DDP never sees unused parameters (SPECS 3.4). Without
+        # autograd there is no graph to join: the call would be pure overhead.
+        keep_empty = torch.is_grad_enabled()
         chunks = x_ND[token_S].split(counts)
-        y_SD = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        outputs = [expert(chunk) for expert, chunk, n in zip(self.experts, chunks, counts) if n or keep_empty]
+        if not outputs:                 # no tokens at all (N = 0) and no autograd
+            return x_ND.new_zeros(x_ND.shape)
+        y_SD = torch.cat(outputs)
         y_SD = y_SD * weight_NK.flatten()[order_S, None].to(y_SD.dtype)
         return y_SD.new_zeros(x_ND.shape).index_add_(0, token_S, y_SD)
 
     def pop_aux_loss(self) -> Tensor | None:
         """coef * mean over the balance groups recorded since the last call (None if none); clears them.
 
-        Several forwards between two calls (e.g. chosen and rejected in DPO) count as one batch.
+        Groups without real tokens (fully padded rows) are left out of the mean. Several forwards
+        between two calls (e.g. a prompt and its completions in GRPO) count as one batch.
         """
         if not self._balance:
             return None
-        aux = self.aux_loss_coef * torch.cat(self._balance).mean()
+        terms_G, groups_G = (torch.cat(parts) for parts in zip(*self._balance))
+        aux = self.aux_loss_coef * terms_G.sum() / groups_G.sum().clamp(min=1)    # padding alone: 0, not NaN
         self._balance = []
         return aux
 
 
-def balance(scores_GTE: Tensor, expert_GTK: Tensor) -> Tensor:
+def balance(scores_GTE: Tensor, expert_GTK: Tensor, mask_GT: Tensor | None = None) -> Tensor:
     """sum_i f_i P_i per group (G,): 1.0 at uniform routing, E / K when every token picks the same K experts.
 
-    f_i = E / (K T) * (slots of the group routed to i), P_i = mean router score of i. f is a count,
+    f_i = E / (K T) * (slots of the group routed to i), P_i = mean router score of i, over the T
+    tokens of the group with mask_GT == 1 (None = all); 0 for a group without any. f is a count,
     so only P carries gradient (SPECS 3.2).
     """
     G, T, E = scores_GTE.shape
     K = expert_GTK.shape[-1]
     slots_GS = expert_GTK.reshape(G, T * K)
-    counts_GE = scores_GTE.new_zeros(G, E).scatter_add_(1, slots_GS, torch.ones_like(slots_GS, dtype=scores_GTE.dtype))
-    return (counts_GE * (E / (K * T)) * scores_GTE.mean(dim=1)).sum(dim=-1)
+    if mask_GT is None:
+        weight_GS = torch.ones_like(slots_GS, dtype=scores_GTE.dtype)
+        mean_GE, scale = scores_GTE.mean(dim=1), E / (K * T)
+    else:
+        real_GT = mask_GT.to(scores_GTE.dtype)
+        n_G1 = real_GT.sum(dim=1, keepdim=True).clamp(min=1)          # a row of padding alone: 0 / 1, not NaN
+        weight_GS = real_GT.repeat_interleave(K, dim=1)                # slot t*K + k belongs to token t
+        mean_GE, scale = (scores_GTE * real_GT[..., None]).sum(dim=1) / n_G1, (E / K) / n_G1
+    counts_GE = scores_GTE.new_zeros(G, E).scatter_add_(1, slots_GS, weight_GS)
+    return (counts_GE * scale * mean_GE).sum(dim=-1)
 
 
 def collect_aux_loss(model: nn.Module) -> Tensor | None:

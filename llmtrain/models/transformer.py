@@ -13,6 +13,12 @@ Generation uses a preallocated KV cache (`new_cache`, then `forward(..., cache=c
 left-padded batches (`attention_mask_BT`); the interface every attention keeps is documented in
 llmtrain/models/kv_cache.py.
 
+Padding a causal model never attends to (right padding, pads after a completion's EOS) needs no
+attention mask, but an FFN that keeps per-token statistics (the MoE balance loss) must not count
+it: `token_mask_BT` (1 = real) says which tokens are real without leaving the unmasked attention
+path, and goes to every FFN whose forward takes a `token_mask_BT` argument (the others keep the
+plain x_BTD -> y_BTD contract). It defaults to `attention_mask_BT`, since left pads are padding too.
+
 An optional `thinking` module (HRPO, llmtrain/models/thinking.py) blends a latent vector into the
 input embedding of the positions marked as thinking (`latents_BTD`, `thinking_BT`); without it,
 or without those arguments, the forward is the plain one.
@@ -20,6 +26,7 @@ or without those arguments, the forward is the plain one.
 Shape legend: B batch, T sequence, D model width, V vocabulary.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +50,8 @@ class Block(nn.Module):
         dim: Model width D.
         attention: Factory called as `attention(dim=dim)`; the module maps
             (x_BTD, cos, sin, mask, cache) -> y_BTD (kv_cache.py states the contract).
-        ffn: Factory called as `ffn(dim=dim)`; the module maps x_BTD -> y_BTD.
+        ffn: Factory called as `ffn(dim=dim)`; the module maps x_BTD -> y_BTD, or
+            (x_BTD, token_mask_BT=None) -> y_BTD if it counts tokens (MoE's balance loss).
         norm_eps: Epsilon of both RMSNorms.
     """
 
@@ -55,11 +63,15 @@ class Block(nn.Module):
         self.attn = attention(dim=dim)
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = ffn(dim=dim)
+        self.ffn_takes_token_mask = "token_mask_BT" in inspect.signature(self.ffn.forward).parameters
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: Any = None) -> Tensor:
-        """Returns the updated residual stream x_BTD; `mask` and `cache` go to the attention."""
+                cache: Any = None, token_mask_BT: Tensor | None = None) -> Tensor:
+        """Returns the updated residual stream x_BTD; `mask` and `cache` go to the attention,
+        `token_mask_BT` (1 = real token) to an FFN that takes it."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache)
+        if token_mask_BT is not None and self.ffn_takes_token_mask:
+            return x_BTD + self.ffn(self.ffn_norm(x_BTD), token_mask_BT=token_mask_BT)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
@@ -121,7 +133,7 @@ class Transformer(nn.Module):
     def forward(self, ids_BT: Tensor, positions: Tensor | None = None, attention_mask_BT: Tensor | None = None,
                 cache: KVCache | None = None, mask_BTT: Tensor | None = None, latents_BTD: Tensor | None = None,
                 thinking_BT: Tensor | None = None, return_hidden: bool = False,
-                logits_to_keep: int = 0) -> Tensor | tuple[Tensor, Tensor]:
+                logits_to_keep: int = 0, token_mask_BT: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Next-token logits of the T given tokens.
 
         Args:
@@ -141,6 +153,9 @@ class Transformer(nn.Module):
                 `logits_to_keep` positions only; 0 = all T. A prefill needs only the last position:
                 the output projection of all positions took 10% of a prompt forward (small GQA of
                 benchmarks/, 16 x 32 tokens, 2 threads: 88 vs 79 ms).
+            token_mask_BT: 1 = real token, 0 = padding (left or right), for the T new tokens: which
+                tokens an MoE layer's balance loss counts; attention and outputs are unchanged.
+                None = `attention_mask_BT` (None: all real). Right-padded training batches pass it.
 
         Returns:
             logits_BTV in the model's dtype (callers upcast for the loss if they need to), and
@@ -170,8 +185,9 @@ class Transformer(nn.Module):
         x_BTD = self.embed(ids_BT)
         if latents_BTD is not None:
             x_BTD = self._think(x_BTD, latents_BTD, thinking_BT)
+        token_mask_BT = attention_mask_BT if token_mask_BT is None else token_mask_BT
         for layer, layer_cache in zip(self.layers, caches):
-            x_BTD = layer(x_BTD, cos, sin, mask, layer_cache)
+            x_BTD = layer(x_BTD, cos, sin, mask, layer_cache, token_mask_BT=token_mask_BT)
         if cache is not None:
             cache.finish_step(T)
         h_BTD = self.norm(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
@@ -202,6 +218,8 @@ class Transformer(nn.Module):
         # `to_empty` off the meta device gives each module its own new Parameter, which would
         # silently untie lm_head from embed; re-tie after every conversion.
         super()._apply(fn, recurse)
+        for module in self.modules():        # kept no-grad weight copies (models/linear.py) are of the old weights
+            module.__dict__.pop("_kept_weights", None)
         if self.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         return self

@@ -20,6 +20,17 @@ def shift_labels(labels_BT: Tensor) -> Tensor:
     return F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def real_tokens(labels_BT: Tensor) -> Tensor:
+    """bool (B, T): True on each row's tokens up to and including its last target, False after.
+
+    A right-padded batch (llmtrain/data/padded.py) holds ids and labels but no attention mask, and a
+    pad is never a target, so this is its padding mask for the MoE balance loss (SPECS 3.4). Real
+    tokens after a row's last target (a conversation that ends with a user turn) count as padding,
+    as they do for the loss; a row without targets is all padding.
+    """
+    return (labels_BT != IGNORE_INDEX).flip(-1).cumsum(-1).flip(-1) > 0
+
+
 def token_cross_entropy(logits_BTV: Tensor, targets_BT: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Summed cross-entropy over targets != -100, computed in float32."""
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
@@ -47,8 +58,12 @@ class NextToken(Strategy):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())   # counted after the shift
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        logits_BTV = model(batch["input_ids"])
-        targets_BT = shift_labels(batch["labels"])
+        # Packed rows have no padding: no token mask, so an MoE model keeps its unmasked balance loss.
+        return self.logits_loss(model(batch["input_ids"]), batch["labels"], num_items)
+
+    def logits_loss(self, logits_BTV: Tensor, labels_BT: Tensor, num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """`loss` from the model's logits of the batch (SFT runs the forward itself, with its token mask)."""
+        targets_BT = shift_labels(labels_BT)
         loss = token_cross_entropy(logits_BTV, targets_BT, self.label_smoothing) / num_items
         if self.label_smoothing == 0.0:
             nll = loss.detach()

@@ -4,6 +4,8 @@ The chat data labels every non-assistant position IGNORE_INDEX, so the loss is t
 (llmtrain.strategies.seq.NextToken) over the remaining targets. The loop divides each micro-batch's
 summed loss by the target tokens of the whole accumulation window (token-level normalisation), so a
 window of micro-batches with uneven response lengths has exactly the gradient of one large batch.
+The batches are right-padded: the forward gets `token_mask_BT` (`real_tokens`), so an MoE model's
+balance loss leaves the padding out (SPECS 3.4); attention needs no mask for right padding.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from llmtrain.strategies.base import Strategy
-from llmtrain.strategies.seq import IGNORE_INDEX, NextToken
+from llmtrain.strategies.seq import IGNORE_INDEX, NextToken, real_tokens
 
 
 class SFT(Strategy):
@@ -34,7 +36,8 @@ class SFT(Strategy):
         return self.next_token.num_items(batch)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, parts = self.next_token.loss(model, batch, num_items)
+        logits_BTV = model(batch["input_ids"], token_mask_BT=real_tokens(batch["labels"]))
+        loss, parts = self.next_token.logits_loss(logits_BTV, batch["labels"], num_items)
         response_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float32)   # summed over a window
         return loss, {**parts, "response_tokens": response_tokens}
 

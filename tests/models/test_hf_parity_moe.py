@@ -119,3 +119,51 @@ def test_unsupported_models_and_configs_are_refused():
     config = qwen2_moe.hf_config(random_model()) | {"norm_topk_prob": True, "num_experts_per_tok": 1}
     with pytest.raises(ValueError, match="norm_topk_prob=True"):
         qwen2_moe.model_node(config)
+
+
+ROUND_TRIPS = [{}, {"bias": True, "tied": False}, {"n_experts_per_tok": 1},
+               {"routed_scaling_factor": 4.0, "seq_aux": False, "aux_loss_coef": 0.003, "norm_topk_prob": False}]
+MOE_OPTIONS = ("n_routed_experts", "n_experts_per_tok", "n_shared_experts", "expert_hidden_dim", "norm_topk_prob",
+               "routed_scaling_factor", "aux_loss_coef", "seq_aux")
+
+
+def rebuilt_from_folder(path) -> Transformer:
+    rebuilt = instantiate(qwen2_moe.model_node(json.loads((path / "config.json").read_text())))
+    qwen2_moe.from_hf_state_dict(load_file(str(path / "model.safetensors")), rebuilt)
+    return rebuilt.eval()
+
+
+@pytest.mark.parametrize("case", ROUND_TRIPS, ids=[str(c) for c in ROUND_TRIPS])
+def test_export_then_import_gives_back_the_state_dict_and_options(case, tmp_path):
+    """SPECS 1.7: no q/k/v biases gained, the scaling factor and the balance settings kept."""
+    model = random_model(**case)
+    save(model, tmp_path / "hf")
+    rebuilt = rebuilt_from_folder(tmp_path / "hf")
+    original, back = model.state_dict(), rebuilt.state_dict()
+    assert list(back) == list(original)
+    assert all(torch.equal(back[name], original[name]) for name in original)
+    for ours, theirs in zip(model.layers, rebuilt.layers):
+        assert {k: getattr(theirs.ffn, k) for k in MOE_OPTIONS} == {k: getattr(ours.ffn, k) for k in MOE_OPTIONS}
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids), model(ids))
+    load_hf(tmp_path / "hf")                 # transformers still reads the folder (the extra key is ignored)
+
+
+def test_a_scaling_factor_that_is_no_power_of_two_comes_back_within_one_rounding(tmp_path):
+    model = random_model(routed_scaling_factor=2.5)
+    save(model, tmp_path / "hf")
+    rebuilt = rebuilt_from_folder(tmp_path / "hf")
+    assert rebuilt.layers[0].ffn.routed_scaling_factor == 2.5
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[name], tensor, atol=0, rtol=1.2e-7)   # 1 ulp
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_without_the_llmtrain_key_reads_as_qwen2_moe_describes_it(tmp_path):
+    config = qwen2_moe.hf_config(random_model())
+    del config[qwen2_moe.LLMTRAIN_KEY]
+    node = qwen2_moe.model_node(config)
+    assert node["attention"]["bias"] is True and node["ffn"]["routed_scaling_factor"] == 1.0

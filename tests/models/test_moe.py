@@ -154,7 +154,7 @@ def test_collect_aux_loss_sums_layers_and_clears():
     model = Transformer(vocab_size=50, dim=32, n_layers=3, attention=functools.partial(GQAttention, n_heads=4),
                         ffn=functools.partial(MoE, aux_loss_coef=0.5))
     model(torch.randint(0, 50, (2, 8)))
-    per_layer = [layer.ffn._balance[0].mean() * 0.5 for layer in model.layers]
+    per_layer = [layer.ffn._balance[0][0].mean() * 0.5 for layer in model.layers]   # (terms, groups) of one forward
     torch.testing.assert_close(collect_aux_loss(model), torch.stack(per_layer).sum())
     assert collect_aux_loss(model) is None
 
@@ -175,3 +175,79 @@ def test_moe_model_trains_through_run_config(tmp_path):
     layers, coef, experts = cfg.model.n_layers, cfg.model.ffn.aux_loss_coef, cfg.model.ffn.n_routed_experts
     assert 0.5 * layers * coef < metrics["aux_loss"] < layers * coef * experts   # 1 x coef per layer at balance
     assert torch.isfinite(torch.tensor([metrics["loss"], metrics["eval/loss"]])).all()
+
+
+def masked_reference(layer: MoE, x_BTD, mask_BT, seq_aux: bool) -> float:
+    """coef * mean over the groups with real tokens of naive_balance over those tokens (SPECS 3.2)."""
+    scores_BTE = layer.router_scores(x_BTD.reshape(-1, x_BTD.shape[-1])).detach().view(*x_BTD.shape[:2], -1)
+    groups = [(scores_BTE[b], mask_BT[b]) for b in range(len(x_BTD))] if seq_aux else [(scores_BTE, mask_BT)]
+    terms = [naive_balance(s[m], s[m].topk(layer.n_experts_per_tok, dim=-1).indices) for s, m in groups if m.any()]
+    return layer.aux_loss_coef * sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_appending_fully_padded_rows_leaves_the_aux_loss_unchanged(seq_aux):
+    """SPECS 3.4: padding takes no part in f or P, so extra rows of padding change nothing."""
+    layer = moe(aux_loss_coef=0.1, seq_aux=seq_aux)
+    x = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4:] = False                        # right padding
+    mask[2, :3] = False                        # left padding
+    layer(x, token_mask_BT=mask)
+    aux = layer.pop_aux_loss()
+    assert aux.item() == pytest.approx(masked_reference(layer, x, mask, seq_aux), abs=1e-7)
+    padded_x = torch.cat([x, torch.randn(2, 6, 16)])        # a pad's hidden state is anything
+    layer(padded_x, token_mask_BT=torch.cat([mask, torch.zeros(2, 6, dtype=torch.bool)]))
+    torch.testing.assert_close(layer.pop_aux_loss(), aux, atol=1e-7, rtol=1e-6)
+
+
+def test_padding_gets_no_router_gradient_and_padding_alone_gives_zero_not_nan():
+    layer = moe()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    layer(x, token_mask_BT=mask)
+    layer.pop_aux_loss().backward()
+    assert x.grad[~mask].abs().max() == 0 and x.grad[mask].abs().max() > 0
+    layer(x, token_mask_BT=torch.zeros(2, 5, dtype=torch.bool))
+    assert layer.pop_aux_loss().item() == 0.0
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_uniform_router_with_padding_still_gives_exactly_the_coefficient(seq_aux):
+    layer = moe(aux_loss_coef=0.01, seq_aux=seq_aux)
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    layer(torch.randn(3, 5, 16), token_mask_BT=mask)
+    assert layer.pop_aux_loss().item() == pytest.approx(0.01, abs=1e-8)
+
+
+def calls_per_expert(layer: MoE) -> list[int]:
+    calls = [0] * len(layer.experts)
+    for e, expert in enumerate(layer.experts):
+        expert.register_forward_pre_hook(lambda module, args, e=e: calls.__setitem__(e, calls[e] + 1))
+    return calls
+
+
+def test_without_autograd_experts_without_tokens_are_not_run():
+    layer = moe(n_routed_experts=8, n_experts_per_tok=1)
+    calls = calls_per_expert(layer)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        layer(x)
+    assert sum(calls) == 1                       # the one chosen expert
+    layer(x)
+    assert calls.count(0) == 0                   # with autograd every expert joins the graph (DDP)
+    with torch.no_grad():
+        assert layer(torch.randn(2, 0, 16)).shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_outputs_with_and_without_autograd_match(mode):
+    layer = getattr(moe(n_routed_experts=8, n_experts_per_tok=2), mode)()
+    x = torch.randn(1, 3, 16)                    # 6 slots over 8 experts: some get none
+    with_grad = layer(x)
+    with torch.no_grad():
+        without = layer(x)
+    layer.pop_aux_loss()
+    assert (with_grad - without).abs().max() <= 1e-6

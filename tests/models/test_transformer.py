@@ -6,6 +6,7 @@ import torch
 
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.moe import MoE, collect_aux_loss
 from llmtrain.models.transformer import Transformer
 from tests.reference import naive_block
 
@@ -146,3 +147,36 @@ def test_hydra_partial_config_instantiates():
 def test_bad_sizes_name_the_values():
     with pytest.raises(ValueError, match="n_layers=0"):
         tiny(n_layers=0)
+
+
+def padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, T) padded with id 0 on `side`, and the mask of the real tokens."""
+    T = max(len(row) for row in rows)
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+        ids[b, span], mask[b, span] = row, True
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_takes_no_part_in_the_moe_aux_loss(side):
+    """Per-sequence balance (seq_aux) of a padded batch == the mean over its rows run one by one."""
+    torch.manual_seed(0)
+    model = tiny(ffn=functools.partial(MoE, n_routed_experts=4, expert_hidden_dim=16, aux_loss_coef=0.1))
+    rows = [torch.randint(1, 50, (n,)) for n in (7, 3, 5)]
+    solo = []
+    for row in rows:
+        model(row[None])
+        solo.append(collect_aux_loss(model))
+    ids, mask = padded(rows + [torch.zeros(0, dtype=torch.long)], side)     # plus a row of padding alone
+    # Left padding is what attention_mask_BT describes; right padding needs no attention mask.
+    model(ids, **({"attention_mask_BT": mask} if side == "left" else {"token_mask_BT": mask}))
+    torch.testing.assert_close(collect_aux_loss(model), torch.stack(solo).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_dense_model_ignores_the_token_mask():
+    model = tiny().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], dtype=torch.bool)
+    assert torch.equal(model(ids, token_mask_BT=mask), model(ids))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmtrain.strategies.seq import NextToken
+from llmtrain.strategies.seq import NextToken, real_tokens
 
 
 class FixedLogits(torch.nn.Module):
@@ -68,3 +68,12 @@ def test_loss_matches_the_formula_with_ignored_positions(eps):
 def test_label_smoothing_out_of_range_is_named():
     with pytest.raises(ValueError, match="label_smoothing=1.0"):
         NextToken(label_smoothing=1.0)
+
+
+def test_real_tokens_end_at_each_rows_last_target():
+    """The right padding of a padded batch (no attention mask in it) is what follows the last target."""
+    labels = torch.tensor([[-100, -100, 5, 6, -100, 7, -100, -100],     # prompt, answer, prompt, answer, 2 pads
+                           [-100, 3, 4, 5, 6, 7, 8, 9],                  # no padding
+                           [-100] * 8])                                  # a row of padding alone
+    want = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [0] * 8], dtype=torch.bool)
+    assert torch.equal(real_tokens(labels), want)

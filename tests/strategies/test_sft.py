@@ -16,6 +16,7 @@ from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.hardware import Hardware
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
+from llmtrain.models.moe import MoE, collect_aux_loss
 from llmtrain.models.transformer import Transformer
 from llmtrain.optim import adamw
 from llmtrain.schedulers import constant
@@ -111,3 +112,27 @@ def test_loss_is_the_token_mean_over_assistant_tokens_and_ppl_its_exp():
     summary = strategy.summarize({"nll": float(parts["nll"]), "response_tokens": float(parts["response_tokens"])})
     assert summary["ppl"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
     assert summary["response_tokens"] == len(nlls)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_right_padding_takes_no_part_in_the_moe_aux_loss(seq_aux):
+    """SPECS 3.4: the per-sequence balance of a padded batch is that of its chats run one by one,
+    and extra rows of padding alone (no targets) change no balance loss."""
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=264, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4),
+                        ffn=functools.partial(MoE, expert_hidden_dim=16, aux_loss_coef=0.1, seq_aux=seq_aux))
+    batch = next(ChatData(4).train_batches(0))
+    strategy = SFT()
+    strategy.loss(model, batch, 1)
+    aux = collect_aux_loss(model)
+    ids, labels = batch["input_ids"], batch["labels"]
+    padded = {"input_ids": torch.cat([ids, torch.zeros_like(ids[:2])]),      # pad id 0, never a target
+              "labels": torch.cat([labels, torch.full_like(labels[:2], -100)])}
+    strategy.loss(model, padded, 1)
+    torch.testing.assert_close(collect_aux_loss(model), aux, atol=1e-7, rtol=1e-6)
+    if seq_aux:
+        solo = []
+        for row in ChatData(1).train_batches(0):
+            strategy.loss(model, row, 1)
+            solo.append(collect_aux_loss(model))
+        torch.testing.assert_close(aux, torch.stack(solo).mean(), atol=1e-6, rtol=1e-5)
