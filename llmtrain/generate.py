@@ -184,14 +184,15 @@ class Sampler:
         next_B = sample_token(self._penalised(logits_BV), self.temperature, self.top_k, self.top_p, self.generator)
         return self._remember(next_B)
 
-    def sample_with_probs(self, logits_BV: Tensor) -> tuple[Tensor, Tensor]:
+    def sample_with_probs(self, logits_BV: Tensor, greedy_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """Next token per row and the distribution it was drawn from (same draws as `__call__`).
 
-        At temperature 0 the token is the argmax and the distribution softmax(z) (temperature 1).
+        At temperature 0 the token is the argmax and the distribution softmax(z / greedy_temperature):
+        HRPO's greedy evaluation builds its latents from the training temperature's softmax (SPECS 5.5).
         """
         z_BV = self._penalised(logits_BV)
         if self.temperature == 0:
-            return self._remember(z_BV.argmax(-1)), z_BV.softmax(-1)
+            return self._remember(z_BV.argmax(-1)), (z_BV / greedy_temperature).softmax(-1)
         probs_BV = top_p_filter(top_k_filter(z_BV / self.temperature, self.top_k), self.top_p).softmax(-1)
         return self._remember(draw(probs_BV, self.generator)), probs_BV
 
@@ -281,6 +282,26 @@ def prefill(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
     return cache, ids_BP, mask_BP, logits_BV, hidden_BD
 
 
+def all_finished(model: nn.Module, finished_B: Tensor) -> bool:
+    """Whether decoding can stop: every row hit EOS, on every rank when the model is FSDP-sharded.
+
+    Each forward of an FSDP2 model all-gathers its parameters, a collective that all ranks must
+    enter: a rank whose rows all finished early and stopped would leave the others waiting in the
+    next step's gather (a hang, or a mismatch with the next collective). So under FSDP the ranks
+    agree on stopping (one all-reduce per step); elsewhere it is this rank's rows alone.
+    """
+    done = finished_B.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_fsdp(model):
+        done = done.to(torch.int32)
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
             eos_id: int, pad_id: int, sampler: Sampler, return_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Prefill once, then one cached forward per new token; returns tokens_BN, mask_BN, logprobs_BN
@@ -302,7 +323,7 @@ def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
             logp_B = token_logprobs(logits_BV.float(), next_B, sampler.temperature)
             logprobs_BN[:, n] = logp_B.masked_fill_(finished_B, 0.0)
         finished_B |= next_B == eos_id
-        if n + 1 == max_new_tokens or bool(finished_B.all()):
+        if n + 1 == max_new_tokens or all_finished(model, finished_B):
             break
         logits_BV = model(next_B[:, None], cache=cache)[:, -1]
     steps = n + 1
@@ -319,7 +340,8 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         max_new_tokens: Most tokens generated per prompt.
         eos_id: Stops a row; not included in its output.
         device: Where the prompts are put (the model's device).
-        thinking: HRPO's latent thinking, as for `generate` (latents from softmax(logits), temperature 1).
+        thinking: HRPO's latent thinking, as for `generate`; the latents come from
+            softmax(logits / thinking.latent_temperature), the tokens stay the argmax.
 
     Returns:
         One list of new token ids per prompt, in the order of `prompts`.

@@ -5,7 +5,9 @@ x; the model's thinking module turns (p_t, the last hidden state) into the vecto
 stores (`source`: the latent itself, or the hidden state it projects), and x's input embedding is
 blended with it while x's row is thinking. So each token is blended with the latent of the
 distribution it was drawn from, prompt tokens never are, and the stored vectors replayed through
-`Transformer.forward(..., latents_BTD=, thinking_BT=)` give the same log-probs (tested).
+`Transformer.forward(..., latents_BTD=, thinking_BT=)` give the same log-probs (tested). Greedy
+decoding (evaluation) takes the argmax token but the latent of softmax(logits / latent_temperature),
+the distribution training sampled from (SPECS 5.5).
 
 A row thinks from its first generated token until its decoded completion contains the answer
 marker; the token that completes the marker and all later ones are plain, as are the pads after
@@ -22,8 +24,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from llmtrain.generate import Sampler, prefill, token_logprobs
+from llmtrain.generate import Sampler, all_finished, prefill, token_logprobs
 
 
 class AnswerWatch:
@@ -53,13 +56,20 @@ class AnswerWatch:
         return torch.tensor(self.thinking, device=next_B.device) & ~finished_B
 
 
+def whole(weight: Tensor) -> Tensor:
+    """The full tensor of a parameter read outside forward, where FSDP2 keeps only this rank's shard
+    (a DTensor). Gathering is a collective: every rank decodes its own rollout, so all reach it."""
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
 def thinking_decoder(model: nn.Module, tokenizer: Any) -> ThinkingDecoder | None:
     """HRPO decoding for a model built with a `thinking` module (its answer marker, `tokenizer`'s text
     with special tokens by name), else None: how rollouts, evaluation and `llmtrain generate` decode."""
     thinking = getattr(getattr(model, "module", model), "thinking", None)     # through a DDP wrapper
     if thinking is None:
         return None
-    return ThinkingDecoder(thinking.answer_marker, lambda ids: tokenizer.decode(ids, skip_special=False))
+    return ThinkingDecoder(thinking.answer_marker, lambda ids: tokenizer.decode(ids, skip_special=False),
+                           thinking.latent_temperature)
 
 
 class ThinkingDecoder:
@@ -69,10 +79,14 @@ class ThinkingDecoder:
         answer_marker: Text that ends a row's thinking (the model's `thinking.answer_marker`).
         decode: Token ids -> text with special tokens by name, e.g.
             `lambda ids: tokenizer.decode(ids, skip_special=False)`.
+        latent_temperature: Greedy decoding (temperature 0) only: the latents come from
+            softmax(logits / latent_temperature), the training rollouts' distribution (SPECS 5.5);
+            a sampling decode builds them from the distribution it draws from.
     """
 
-    def __init__(self, answer_marker: str, decode: Callable[[Sequence[int]], str]) -> None:
-        self.answer_marker, self.decode_text = answer_marker, decode
+    def __init__(self, answer_marker: str, decode: Callable[[Sequence[int]], str],
+                 latent_temperature: float = 1.0) -> None:
+        self.answer_marker, self.decode_text, self.latent_temperature = answer_marker, decode, latent_temperature
 
     def decode(self, model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
                eos_id: int, pad_id: int, sampler: Sampler, return_logprobs: bool
@@ -90,18 +104,19 @@ class ThinkingDecoder:
         cache, ids_BP, mask_BP, logits_BV, hidden_BD = prefill(model, ids_BP, mask_BP, num_samples, N,
                                                                return_hidden=True)
         sampler.start(ids_BP, mask_BP, logits_BV.shape[-1])
+        embed_VD = whole(model.embed.weight)
         watch, finished_B = AnswerWatch(self.answer_marker, self.decode_text, B), torch.zeros_like(thinking_BN[:, 0])
         for n in range(N):
-            next_B, probs_BV = sampler.sample_with_probs(logits_BV)
+            next_B, probs_BV = sampler.sample_with_probs(logits_BV, self.latent_temperature)
             next_B.masked_fill_(finished_B, pad_id)                          # SPECS 7.5
             tokens_BN[:, n], mask_BN[:, n] = next_B, ~finished_B
             if logprobs_BN is not None:
                 logp_B = token_logprobs(logits_BV.float(), next_B, sampler.temperature)
                 logprobs_BN[:, n] = logp_B.masked_fill_(finished_B, 0.0)
-            latents_BND[:, n] = model.thinking.source(probs_BV, hidden_BD, model.embed.weight)
+            latents_BND[:, n] = model.thinking.source(probs_BV, hidden_BD, embed_VD)
             thinking_BN[:, n] = watch.update(next_B, finished_B)
             finished_B |= next_B == eos_id
-            if n + 1 == N or bool(finished_B.all()):
+            if n + 1 == N or all_finished(model, finished_B):
                 break
             logits_BTV, hidden_BTD = model(next_B[:, None], cache=cache, latents_BTD=latents_BND[:, n:n + 1],
                                            thinking_BT=thinking_BN[:, n:n + 1], return_hidden=True)

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from llmtrain.callbacks.base import Callback
 from tests.conftest import REPO
 from tests.e2e.test_cli import rows, run_cli
 
@@ -89,12 +92,36 @@ def test_a_sweep_starts_the_ranks_of_each_job_in_its_own_directory(tmp_path):
     assert losses(tmp_path / "0") != losses(tmp_path / "1")
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_grpo_trains_under_two_ranks(engine, tmp_path):
+class ReferenceFollowsPolicy(Callback):
+    """With strategy.sync_interval=1, each step's reference must be the policy as the step before left it."""
+
+    def __init__(self) -> None:
+        self.previous: dict[str, torch.Tensor] | None = None
+        self.checks = 0
+
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        policy = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))  # collective
+        reference = trainer.strategy.reference.model.state_dict()
+        if self.previous is not None:
+            assert all(torch.equal(reference[name], self.previous[name]) for name in reference), "sync missed"
+            assert not all(torch.equal(reference[name], policy[name]) for name in reference)   # weight decay moved it
+            self.checks += 1
+        self.previous = {name: tensor.clone() for name, tensor in policy.items()}
+
+    def on_train_end(self, trainer) -> None:
+        assert self.checks == trainer.step - 1 > 0, self.checks
+
+
+@pytest.mark.parametrize("engine, thinking", [("ddp", "none"), ("fsdp", "none"), ("fsdp", "hrpo")])
+def test_grpo_trains_under_two_ranks(engine, thinking, tmp_path):
     """A GRPO run's first forward is a rollout under inference mode: neither engine may keep the
-    buffers it makes there (DDP's gradient buckets, FSDP2's all-gather buffers) for backward."""
+    buffers it makes there (DDP's gradient buckets, FSDP2's all-gather buffers) for backward. Every
+    step also copies the policy into the plain reference (gathered from FSDP2's shards), and HRPO's
+    decode reads the embedding outside forward, where FSDP2 holds only this rank's shard."""
     result = run_cli("strategy=grpo", "debug=smoke", "data.n_eval=16", "data.accuracy_examples=8", f"hardware={engine}",
-                     "hardware.nprocs=2", "trainer.max_steps=2", "~callbacks.progress", f"hydra.run.dir={tmp_path}")
+                     f"model/thinking={thinking}", "hardware.nprocs=2", "trainer.max_steps=3",
+                     "strategy.sync_interval=1", "~callbacks.progress", f"hydra.run.dir={tmp_path}",
+                     "+callbacks.reference={_target_:tests.test_distributed.ReferenceFollowsPolicy}")
     assert result.returncode == 0, result.stderr
     train = [row for row in rows(tmp_path) if "loss" in row and "reward" in row]
-    assert len(train) == 2 and all(row["loss"] == row["loss"] for row in train)    # two finite steps
+    assert len(train) == 3 and all(row["loss"] == row["loss"] for row in train)    # three finite steps

@@ -228,3 +228,34 @@ def test_repeat_rows_copies_every_layer_and_the_padding_history_contiguously():
 def test_num_samples_below_one_is_refused(n):
     with pytest.raises(ValueError, match=f"num_samples={n}"):
         generate(tiny(), [[1, 2]], 4, eos_id=-1, pad_id=0, num_samples=n)
+
+
+def test_a_greedy_sampler_gives_the_argmax_and_the_softmax_at_the_given_temperature():
+    from llmtrain.generate import Sampler
+
+    z_BV = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
+    sampler = Sampler(0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=torch.Generator())
+    next_B, probs_BV = sampler.sample_with_probs(z_BV, greedy_temperature=0.5)
+    assert next_B.tolist() == [1, 0]
+    torch.testing.assert_close(probs_BV, (z_BV / 0.5).softmax(-1))
+    torch.testing.assert_close(sampler.sample_with_probs(z_BV)[1], z_BV.softmax(-1))   # default: temperature 1
+
+
+def test_under_fsdp_decoding_stops_only_when_every_rank_has_finished(monkeypatch):
+    """A rank that stopped early would leave the others waiting in the next step's all-gather."""
+    import llmtrain.generate as generate_module
+
+    reduced = []
+
+    def all_reduce(tensor, op):                 # the other rank still has an unfinished row
+        reduced.append(op)
+        tensor.zero_()
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    done_B = torch.ones(3, dtype=torch.bool)
+    monkeypatch.setattr(generate_module, "_is_fsdp", lambda model: False)
+    assert generate_module.all_finished(torch.nn.Linear(1, 1), done_B) and reduced == []
+    monkeypatch.setattr(generate_module, "_is_fsdp", lambda model: True)
+    assert not generate_module.all_finished(torch.nn.Linear(1, 1), done_B)
+    assert reduced == [torch.distributed.ReduceOp.MIN]

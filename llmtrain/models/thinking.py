@@ -60,15 +60,20 @@ class ThinkingResidual(nn.Module):
             it (the token that completes it is plain). The original uses "####".
         r_min, r_max: Range of u ~ U(r_min, r_max) in Lambda's init; at init a = u^r lies in (r_min, 1).
         c: The constant c of the gate (8.0 in Griffin and HRPO).
+        latent_temperature: The sampling temperature the latents are trained with (GRPO's
+            strategy.temperature). Greedy decoding (evaluation) picks the argmax token but builds
+            the latent from softmax(logits / latent_temperature), as the original does (SPECS 5.5).
     """
 
     def __init__(self, dim: int, answer_marker: str = "<answer>", r_min: float = 0.99, r_max: float = 0.999,
-                 c: float = 8.0) -> None:
+                 c: float = 8.0, latent_temperature: float = 1.0) -> None:
         super().__init__()
-        if not 0 < r_min < r_max < 1 or c <= 0 or not answer_marker:
-            raise ValueError(f"need 0 < r_min < r_max < 1, c > 0 and a non-empty answer_marker; got r_min={r_min}, "
-                             f"r_max={r_max}, c={c}, answer_marker={answer_marker!r}")
+        if not 0 < r_min < r_max < 1 or c <= 0 or not answer_marker or latent_temperature <= 0:
+            raise ValueError(f"need 0 < r_min < r_max < 1, c > 0, a non-empty answer_marker and latent_temperature "
+                             f"> 0; got r_min={r_min}, r_max={r_max}, c={c}, answer_marker={answer_marker!r}, "
+                             f"latent_temperature={latent_temperature}")
         self.answer_marker, self.r_min, self.r_max, self.c = answer_marker, r_min, r_max, c
+        self.latent_temperature = latent_temperature
         self.thinking_residual_gate_r = Linear(dim, dim)
         self.thinking_residual_gate_i = Linear(dim, dim)
         self.thinking_residual_Lambda = ThinkingLambda(dim)

@@ -23,16 +23,17 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llmtrain.strategies.base import Strategy
-from llmtrain.strategies.seq import IGNORE_INDEX, shift_labels
+from llmtrain.strategies.seq import IGNORE_INDEX, real_tokens, shift_labels
 
 log = logging.getLogger(__name__)
 
 
 def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(summed log p of each row's target tokens, number of those tokens), both shape (rows,)."""
-    logits_BTV = model(batch["input_ids"])
+    logits_BTV = model(batch["input_ids"], token_mask_BT=real_tokens(batch["labels"]))   # MoE balance: no pads
     targets_BT = shift_labels(batch["labels"])
     nll_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none").view_as(targets_BT)          # 0 where ignored
@@ -51,6 +52,7 @@ def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
     """
     device = batch["input_ids"].device
     ids_NT, is_target_NT = batch["input_ids"].cpu(), batch["labels"].cpu() != IGNORE_INDEX   # layout built on CPU
+    is_target_NT[:, 0] = False      # no position predicts token 0 (shift_labels drops it too): P >= 1 below
     B = ids_NT.shape[0] // 2
     if not bool(is_target_NT.any(-1).all()):
         return response_logps(model, batch)
@@ -80,7 +82,8 @@ def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
         ids_BT[i, :len(row)], positions_BT[i, :len(row)], segment_BT[i, :len(row)] = row, pos, seg
     causal_TT = torch.ones(T, T, dtype=torch.bool).tril()
     same_BTT = (segment_BT[:, None, :] == 0) | (segment_BT[:, None, :] == segment_BT[:, :, None])
-    logits_BTV = model(ids_BT.to(device), positions=positions_BT.to(device), mask_BTT=(causal_TT & same_BTT).to(device))
+    logits_BTV = model(ids_BT.to(device), positions=positions_BT.to(device), mask_BTT=(causal_TT & same_BTT).to(device),
+                       token_mask_BT=(segment_BT != 3).to(device))       # MoE balance: padding left out
     batch_index = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sources)]).to(device)
     source, target, owner = (torch.cat(x).to(device) for x in (sources, targets, owners))
     logp_K = -F.cross_entropy(logits_BTV[batch_index, source].float(), target, reduction="none")
@@ -100,7 +103,9 @@ class FrozenReference:
             resumed checkpoint is loaded, so a resumed run has the same reference), or a run
             directory / checkpoint / Hugging Face folder to load the reference from.
         precompute: score every training and held-out pair once before training and drop the
-            model (saves a forward per step and the reference's memory).
+            model (saves a forward per step and the reference's memory). The scores take the
+            precision of the autocast `setup` runs under, which must be the loss's: bf16 policy
+            log-probs against fp32 reference ones would make h != 0 at the first step.
         share_prompt: score each pair as one row (shared_prompt_logps).
     """
 
@@ -131,10 +136,16 @@ class FrozenReference:
             self.model = None
 
     def sync(self, policy: nn.Module) -> None:
-        """Overwrite the reference with the policy's current weights (a hard update, TR-DPO's alpha = 1)."""
+        """Overwrite the reference with the policy's current weights (a hard update, TR-DPO's alpha = 1).
+
+        The reference is a plain module on every rank, while an FSDP2 policy's state dict holds this
+        rank's shards (DTensors): the full state dict gathers them (a collective; every rank syncs at
+        the same step) and is the module's own state dict otherwise.
+        """
         if self.model is None:
             raise RuntimeError("the reference is not set up (or was released after precomputing)")
-        self.model.load_state_dict(getattr(policy, "module", policy).state_dict())
+        policy = getattr(policy, "module", policy)
+        self.model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
 
     def logps(self, batch: dict[str, Tensor]) -> Tensor:
         if "ref_logps" in batch:

@@ -80,8 +80,10 @@ def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: fl
     if group_size > 1 and N > 1 and len(ids_BT) % group_size == 0:
         logits_BNV = shared_prompt_logits(model, batch, group_size)
     else:
+        # Pads after a completion's EOS are padding too, for an MoE model's balance loss (SPECS 3.4).
+        real_BT = torch.cat([batch["attention_mask"][:, :-N], batch["completion_mask"].to(batch["attention_mask"].dtype)], 1)
         logits_BNV = model(ids_BT[:, :-1], attention_mask_BT=batch["attention_mask"][:, :-1],
-                           **replayed_latents(batch))[:, -N:]
+                           token_mask_BT=real_BT[:, :-1], **replayed_latents(batch))[:, -N:]
     logp_BNV = (logits_BNV.float() / temperature).log_softmax(-1)
     return logp_BNV.gather(-1, ids_BT[:, -N:, None]).squeeze(-1)
 
@@ -114,7 +116,7 @@ def shared_prompt_logits(model: nn.Module, batch: dict[str, Tensor], group_size:
     latents = {}
     if "thinking_latents" in batch:
         latents = {"latents_BTD": batch["thinking_latents"][:, :-1], "thinking_BT": batch["thinking_mask"][:, :-1]}
-    logits_BCV = model(ids_BT[:, P:-1], cache=cache, **latents)
+    logits_BCV = model(ids_BT[:, P:-1], cache=cache, token_mask_BT=batch["completion_mask"][:, :-1], **latents)
     return torch.cat([last_GV.repeat_interleave(G, 0)[:, None], logits_BCV], 1)
 
 

@@ -14,7 +14,7 @@ from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.thinking import ProjectedThinkingResidual, ThinkingResidual, latent_from_probs
 from llmtrain.models.transformer import Transformer
-from llmtrain.thinking_decode import AnswerWatch, ThinkingDecoder
+from llmtrain.thinking_decode import AnswerWatch, ThinkingDecoder, thinking_decoder
 
 TOKENIZER = ByteTokenizer()
 DECODE = functools.partial(TOKENIZER.decode, skip_special=False)
@@ -161,3 +161,29 @@ def test_hrpo_num_samples_gives_the_rows_of_each_prompt_passed_n_times(attention
         assert torch.equal(getattr(shared, name), getattr(repeated, name)), name
     for name in ("logprobs_BN", "latents_BND"):
         torch.testing.assert_close(getattr(shared, name), getattr(repeated, name), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_hrpo_decode_takes_the_argmax_but_the_latent_of_the_training_temperature():
+    """SPECS 5.5: evaluation picks argmax tokens, yet builds each latent from softmax(logits / tau),
+    tau the rollouts' temperature (the module's latent_temperature), not from softmax(logits)."""
+    model = tiny(functools.partial(ThinkingResidual, r_min=0.3, r_max=0.5, latent_temperature=0.5))
+    prompts = [TOKENIZER.encode(t, bos=True) for t in ("12+30=", "hello there", "a", "x*y")]
+    out = generate(model, prompts, 8, TOKENIZER.eos_id, TOKENIZER.pad_id, temperature=0.0,
+                   thinking=thinking_decoder(model, TOKENIZER))
+    logits_BNV, keep_BN = replay(model, out).float(), out.mask_BN.bool()
+    assert out.thinking_BN[keep_BN].all()                                  # no marker: every token blended
+    assert torch.equal(logits_BNV.argmax(-1)[keep_BN], out.tokens_BN[keep_BN])
+    probs_KV = (logits_BNV[keep_BN] / 0.5).softmax(-1)
+    torch.testing.assert_close(latent_from_probs(probs_KV, model.embed.weight), out.latents_BND[keep_BN],
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["hrpo", "hrpo_proj"])
+def test_an_hrpo_model_decodes_greedily_at_the_strategys_temperature(option, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("strategy=grpo", f"model/thinking={option}", "strategy.temperature=0.5",
+                      f"paths.output_dir={tmp_path}")
+    assert instantiate(cfg.model.thinking)(dim=8).latent_temperature == 0.5

@@ -202,3 +202,65 @@ def test_the_shared_prompt_layout_saves_one_prompt_per_pair():
     prompt_tokens = int((batch["labels"][:4] == -100).logical_and(batch["input_ids"][:4] != 0).sum())
     assert seen["ids"].shape[0] == 4 and seen["mask_BTT"].shape[1:] == (seen["ids"].shape[1],) * 2
     assert int((seen["ids"] != 0).sum()) == int((batch["input_ids"] != 0).sum()) - prompt_tokens
+
+
+@pytest.mark.parametrize("rejected_first", [1, 2], ids=["shared-first-token", "different-first-tokens"])
+def test_an_empty_prompt_gives_the_two_row_logprobs(rejected_first):
+    """Targets from position 0 (no prompt): token 0 is predicted by nothing, in either layout."""
+    from llmtrain.strategies.dpo import shared_prompt_logps
+
+    rows = [[1, 5, 6, 7], [1, 8, 9], [rejected_first, 10, 11, 12, 13], [rejected_first, 14]]  # chosen, then rejected
+    ids = torch.zeros(4, 6, dtype=torch.long)
+    labels = torch.full((4, 6), -100)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = labels[i, :len(row)] = torch.tensor(row)
+    batch = {"input_ids": ids, "labels": labels}
+    model = tiny_model().eval()
+    with torch.no_grad():
+        two_rows, lengths = response_logps(model, batch)
+        one_row, shared_lengths = shared_prompt_logps(model, batch)
+    torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=1e-5)
+    assert lengths.tolist() == shared_lengths.tolist() == [len(row) - 1 for row in rows]
+
+
+def test_a_precomputed_reference_under_bf16_autocast_starts_at_ln2(tmp_path):
+    """The reference log-probs are computed once at setup in the precision the loss's policy
+    forward runs in (bf16 autocast here), so step 0 still has policy == reference exactly."""
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE, compose_cfg
+
+    metrics, _ = train(compose_cfg(*SMOKE, "strategy=dpo", "strategy.precompute_reference=true",
+                                   "hardware.precision=bf16", "trainer.max_steps=1", "data.n_train=64",
+                                   "data.n_eval=16", "data.accuracy_examples=0", f"paths.output_dir={tmp_path}"))
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/accuracies"] == 0.0 and metrics["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("layout", ["two_rows", "shared_prompt"])
+def test_padding_does_not_move_an_moe_models_balance_loss(layout):
+    """SPECS 3.4: padding takes no part in the aux loss: a batch's equals the mean over its pairs
+    scored alone (one balance group per row), and a longer pad tail changes nothing."""
+    from llmtrain.models.moe import MoE, collect_aux_loss
+    from llmtrain.strategies.dpo import shared_prompt_logps
+    from llmtrain.strategies.seq import real_tokens
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=264, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
+                        n_kv_heads=2), ffn=functools.partial(MoE, n_routed_experts=4, n_experts_per_tok=2)).train()
+    score = response_logps if layout == "two_rows" else shared_prompt_logps
+
+    def aux_of(b):
+        score(model, b)
+        return collect_aux_loss(model)
+
+    batch = next(preference_data().train_batches(0))          # chosen rows first, then rejected
+    P = len(batch["input_ids"]) // 2
+    alone = []
+    for i in range(P):
+        pair = {k: batch[k][[i, i + P]] for k in ("input_ids", "labels")}
+        T = int(real_tokens(pair["labels"]).any(0).nonzero().max()) + 1     # without the batch's pad tail
+        alone.append(aux_of({k: v[:, :T] for k, v in pair.items()}))
+    torch.testing.assert_close(aux_of(batch), torch.stack(alone).mean(), rtol=1e-5, atol=1e-7)
+    padded = {"input_ids": F.pad(batch["input_ids"], (0, 7), value=ByteTokenizer.pad_id),
+              "labels": F.pad(batch["labels"], (0, 7), value=-100)}
+    torch.testing.assert_close(aux_of(padded), aux_of(batch), rtol=1e-6, atol=1e-7)

@@ -98,7 +98,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits_BTV = torch.nn.Parameter(logits_BTV)
 
-    def forward(self, ids_BT, attention_mask_BT=None):    # one row per completion: share_prompt=False
+    def forward(self, ids_BT, attention_mask_BT=None, token_mask_BT=None):   # one row per completion: share_prompt=False
         return self.logits_BTV[:, :ids_BT.shape[1]]
 
 
@@ -425,3 +425,43 @@ def test_share_prompt_leaves_the_grpo_loss_and_metrics_unchanged():
         losses.append((float(loss.detach()), {k: float(v) for k, v in parts.items()}))
     assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)
     assert losses[0][1] == pytest.approx(losses[1][1], abs=1e-5)
+
+
+def test_the_dapo_preset_has_no_kl_and_builds_no_reference(tmp_path):
+    """DAPO drops the KL term (Yu et al. 2025; TRL's beta = 0 since v0.19, SPECS 0 and 4.4.2)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    strategy = instantiate(compose_cfg("strategy=dapo", f"paths.output_dir={tmp_path}").strategy)
+    assert isinstance(strategy, DAPO) and strategy.kl_coef == 0 and strategy.reference is None
+    model, data = tiny_model(), prompts_data()
+    strategy.setup(model, data)
+    batch = strategy.prepare(model, next(data.train_batches(0)), step=strategy.sync_interval)   # a sync step
+    _, metrics = strategy.loss(model, batch, strategy.num_items(batch))
+    assert strategy.reference is None and "kl" not in metrics
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_pads_after_eos_and_before_the_prompt_take_no_part_in_the_moe_balance_loss(group_size):
+    """SPECS 3.4: whatever stands in a completion's padding after its EOS, the aux loss is the same."""
+    from llmtrain.models.moe import MoE, collect_aux_loss
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=264, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
+                        n_kv_heads=2), ffn=functools.partial(MoE, n_routed_experts=4, n_experts_per_tok=2)).train()
+    P, N = 5, 6
+    ids_BT = torch.randint(8, 264, (4, P + N))
+    attention_BT = torch.ones(4, P + N, dtype=torch.long)
+    attention_BT[:2, :2] = 0                                        # group 0's prompt is left-padded
+    completion_BN = torch.ones(4, N, dtype=torch.long)
+    completion_BN[0, 3:] = completion_BN[3, 1:] = 0                 # EOS at 2 and at 0, pads after
+    batch = {"input_ids": ids_BT, "attention_mask": attention_BT, "completion_mask": completion_BN}
+    other = {**batch, "input_ids": ids_BT.clone()}
+    pads_BT = torch.cat([attention_BT[:, :P] == 0, completion_BN == 0], 1)
+    other["input_ids"][pads_BT] = torch.randint(8, 264, (int(pads_BT.sum()),))
+    auxes = []
+    for b in (batch, other):
+        completion_logps(model, b, 1.0, group_size=group_size)
+        auxes.append(collect_aux_loss(model))
+    torch.testing.assert_close(auxes[0], auxes[1], rtol=1e-6, atol=1e-7)
