@@ -4,10 +4,11 @@ Same tiny GQA model on both sides (the training benchmark's tiny preset: vocab 2
 dim 128, 4 layers, 4 heads, 2 kv heads), built once by `train_throughput.build_ours` and exported
 with `llmtrain.hf.io.export` to a Hugging Face folder that `LlamaForCausalLM.from_pretrained` loads
 (SDPA attention), so both start from identical weights. Same pairs: 8 per batch, each a 64-token
-prompt and a 64-token chosen and rejected completion (rows of 128 tokens), random printable ASCII
-bytes, so that every character is one token of the byte tokenizer: TRL 1.x only takes text
+prompt (<bos>, then 63 bytes) and a 64-token chosen and rejected completion (rows of 128 tokens),
+random printable ASCII bytes, so that every character is one token of the byte tokenizer: TRL 1.x only takes text
 columns (`prompt`/`chosen`/`rejected`), which it tokenizes with the tokenizer files
-`llmtrain.hf.tokenizer.write_tokenizer_files` writes; it appends <eos> to each completion and
+`llmtrain.hf.tokenizer.write_tokenizer_files` writes (whose post-processor puts <bos> first, as
+llmtrain trains); it appends <eos> to each completion and
 `max_length=128` cuts it off again, so TRL trains on exactly our token ids (checked at start).
 DPO sigmoid loss, beta 0.1, the same learning rate, no weight decay, gradient clipping at 1.0,
 gradient accumulation 1, fp32, no evaluation, no logging or checkpointing during the timed steps.
@@ -93,7 +94,7 @@ class Pairs:
         def draw(length: int) -> Tensor:
             return CHARS[torch.randint(len(CHARS), (n, length), generator=generator)]
 
-        return cls(draw(prompt_len), draw(completion_len), draw(completion_len))
+        return cls(draw(prompt_len - 1), draw(completion_len), draw(completion_len))   # prompts: after <bos>
 
     def llmtrain_batches(self, batch: int) -> list[dict[str, Tensor]]:
         """DPO's layout: input_ids (2B, P+C), chosen rows then rejected rows; labels -100 on the prompt."""
@@ -101,10 +102,11 @@ class Pairs:
         for start in range(0, len(self.prompt), batch):
             rows = slice(start, start + batch)
             prompt = self.prompt[rows]
-            ids = BYTE_OFFSET + torch.cat([torch.cat([prompt, self.chosen[rows]], 1),
-                                           torch.cat([prompt, self.rejected[rows]], 1)])
+            bos = torch.full_like(prompt[:, :1], ByteTokenizer.bos_id - BYTE_OFFSET)     # <bos> first, as TRL's tokenizer
+            ids = BYTE_OFFSET + torch.cat([torch.cat([bos, prompt, self.chosen[rows]], 1),
+                                           torch.cat([bos, prompt, self.rejected[rows]], 1)])
             labels = ids.clone()
-            labels[:, :prompt.shape[1]] = IGNORE_INDEX
+            labels[:, :1 + prompt.shape[1]] = IGNORE_INDEX
             out.append({"input_ids": ids, "labels": labels})
         return out
 

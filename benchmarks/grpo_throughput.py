@@ -4,8 +4,8 @@ Same tiny GQA model on both sides (the training benchmark's tiny preset: vocab 2
 dim 128, 4 layers, 4 heads, 2 kv heads, tied embeddings), built once by `train_throughput.build_ours`
 and exported with `llmtrain.hf.io.export` to a Hugging Face folder that `LlamaForCausalLM.from_pretrained`
 loads (SDPA attention), so both start from identical weights; TRL builds its reference model from the
-same folder. Same prompts, in the same order: 8 per step, each 32 random printable ASCII bytes (one
-token each; TRL tokenizes the text column with the tokenizer files `llmtrain.hf.tokenizer` writes,
+same folder. Same prompts, in the same order: 8 per step, each 32 tokens: <bos>, then 31 random printable ASCII
+bytes (one token each; TRL tokenizes the text column with the tokenizer files `llmtrain.hf.tokenizer` writes,
 checked at start to give our ids), 4 completions per prompt (one step = 8 x 4 = 32 completions, one
 optimizer step, no gradient accumulation), 32 new tokens sampled at temperature 1 (no top-k, no
 top-p). Neither side can stop early: both get an EOS id past the vocabulary, which no sampled token
@@ -134,14 +134,15 @@ class Prompts:
     @classmethod
     def random(cls, n: int, prompt_len: int, seed: int = 0) -> "Prompts":
         generator = torch.Generator().manual_seed(seed)
-        prompt = CHARS[torch.randint(len(CHARS), (n, prompt_len), generator=generator)]
+        prompt = CHARS[torch.randint(len(CHARS), (n, prompt_len - 1), generator=generator)]   # after <bos>
         return cls(prompt, ord("0") + torch.randint(10, (n,), generator=generator))
 
     def llmtrain_batches(self, batch: int) -> list[dict[str, Tensor]]:
         """The "prompts" layout (strategies/rollout.py): B prompt rows, then B answer rows, right-padded."""
         out = []
         for start in range(0, len(self.prompt), batch):
-            prompt = BYTE_OFFSET + self.prompt[start:start + batch]
+            chars = BYTE_OFFSET + self.prompt[start:start + batch]
+            prompt = torch.cat([torch.full_like(chars[:, :1], ByteTokenizer.bos_id), chars], 1)   # as TRL's tokenizer
             answer = torch.full_like(prompt, ByteTokenizer.pad_id)
             answer[:, 0] = BYTE_OFFSET + self.answer[start:start + batch]
             ids = torch.cat([prompt, answer])

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from llmtrain.data.records import RecordError, read_records
+from llmtrain.data.records import RecordError, read_records, read_text
 from llmtrain.data.tokenizer import SPECIAL_TOKENS
 
 TRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Row fields whose strings are training text: pre-training, chat and preference shapes (DESIGN 6).
 TEXT_FIELDS = ("text", "prompt", "response", "completion", "answer", "chosen", "rejected", "messages", "conversations")
 CONTENT_KEYS = ("content", "value")     # {"role", "content"} messages; ShareGPT {"from", "value"} turns
+ADD_TOKEN_FLAGS = ("add_bos_token", "add_eos_token")
 
 
 def train_bpe(files: Sequence[str | Path], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS,
@@ -65,7 +66,7 @@ def training_texts(paths: Iterable[Path]) -> Iterator[str]:
     """Every training string of `paths`; a row with no text is reported as file:line."""
     for path in paths:
         if path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
+            yield read_text(path)
             continue
         for where, row in read_records(path):
             texts = [text for field in TEXT_FIELDS if field in row for text in strings(row[field])]
@@ -92,14 +93,31 @@ def tokenizer_config(tokenizer: Tokenizer, bos: str | None, eos: str, pad: str |
         if name is not None and tokenizer.token_to_id(name) is None:
             raise ValueError(f"special token {name!r} is not in the vocabulary")
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-            "pad_token": pad if pad is not None else eos, "add_bos_token": False,
+            "pad_token": pad if pad is not None else eos, "add_bos_token": bos is not None,   # see write_tokenizer_dir
             "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
 
 
 def write_tokenizer_dir(tokenizer: Tokenizer, config: dict[str, Any], out_dir: Path) -> None:
-    """tokenizer.json and tokenizer_config.json in `out_dir` (which must exist)."""
+    """tokenizer.json and tokenizer_config.json in `out_dir` (which must exist).
+
+    Every llmtrain model is trained and prompted with the bos token first (when the tokenizer has
+    one), so when `config` names a bos_token, tokenizer.json gets a post-processor that adds it, as
+    Hugging Face Llama tokenizers do: transformers' `tokenizer(text)` then gives the ids the model
+    expects (recent transformers ignore `add_bos_token` and follow the post-processor). llmtrain's
+    own `TokenizerFile.encode` never applies a post-processor, so its ids do not change.
+    """
+    if config.get("bos_token") is not None:
+        tokenizer = bos_first(tokenizer, config["bos_token"])
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def bos_first(tokenizer: Tokenizer, bos: str) -> Tokenizer:
+    """A copy of `tokenizer` whose post-processor puts `bos` before each sequence ("<bos> $A")."""
+    copy = Tokenizer.from_str(tokenizer.to_str())     # the caller's tokenizer (cache keys hash it) stays as it was
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return copy
 
 
 class TokenizerFile:
@@ -171,7 +189,9 @@ class TokenizerFile:
         names = {key: None if i is None else self.hf.id_to_token(i)
                  for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
         config = tokenizer_config(self.hf, bos=names["bos_token"], eos=names["eos_token"], pad=names["pad_token"])
-        config |= {k: v for k, v in self.config.items() if k not in names}    # keep the file's other settings
+        # Keep the file's other settings, but not its add_*_token flags: the bos post-processor decides
+        # that (transformers 4's LlamaTokenizerFast rebuilds the post-processor from these flags).
+        config |= {k: v for k, v in self.config.items() if k not in names and k not in ADD_TOKEN_FLAGS}
         if self.chat_template is not None and "chat_template" not in config:     # it came from chat_template.jinja
             config["chat_template"] = self.chat_template
         write_tokenizer_dir(self.hf, config, Path(out_dir))

@@ -6,7 +6,8 @@ everything else (<bos>, role markers, system and user turns, padding) is IGNORE_
 
 - `SpecialTokenTemplate` (the default) needs no template text: it uses the tokenizer's special
   tokens, `<bos>` then `<|role|>content<eos>` per message; a prompt for generation ends with
-  `<|assistant|>`.
+  `<|assistant|>`. A tokenizer without a bos token (`llmtrain tokenizer train` requires only
+  <eos>) gets no `<bos>`, in training and in prompts alike.
 - `JinjaTemplate` renders a Hugging Face `chat_template` (e.g. from a tokenizer directory's
   tokenizer_config.json). The assistant spans are found by rendering growing prefixes of the
   conversation: the text a message adds is the difference between two renderings, so any template
@@ -40,7 +41,11 @@ class ChatTemplate(Protocol):
 
 
 class SpecialTokenTemplate:
-    """`<bos><|user|>question<eos><|assistant|>answer<eos>`: role markers are single special tokens."""
+    """`<bos><|user|>question<eos><|assistant|>answer<eos>`: role markers are single special tokens.
+
+    The leading `<bos>` is left out when `tokenizer.bos_id` is None; `encode_prompt` builds on
+    `encode`, so a prompt starts exactly as the training conversations did.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         missing = [f"<|{role}|>" for role in ROLES if f"<|{role}|>" not in tokenizer.special_tokens]
@@ -51,7 +56,8 @@ class SpecialTokenTemplate:
         self.role_ids = {role: tokenizer.special_tokens[f"<|{role}|>"] for role in ROLES}
 
     def encode(self, messages: Sequence[Message], first_target: int = 0) -> tuple[list[int], list[int]]:
-        ids, labels = [self.tokenizer.bos_id], [IGNORE_INDEX]
+        ids = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        labels = [IGNORE_INDEX] * len(ids)
         for i, message in enumerate(messages):
             content = self.tokenizer.encode(message["content"]) + [self.tokenizer.eos_id]
             ids += [self.role_ids[message["role"]], *content]

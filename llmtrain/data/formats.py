@@ -9,7 +9,9 @@ Preference rows (DPO/IPO):
     {"chosen": [...], "rejected": [...]}               whole conversations sharing all but the last turn
 Prompt rows (GRPO): {"prompt": a string or a list of messages, "answer": str, "system": ... (optional)},
     the answer being what the reward functions compare against (the same keys also serve as a chat row).
-Every error names the row's file:line (`where`).
+Every error names the row's file:line (`where`). A field whose value is null counts as absent:
+Parquet stores a value a row lacks as null (a `system` column null on the rows without one), and
+JSONL writers emit `"system": null` for the same thing.
 """
 
 from __future__ import annotations
@@ -26,42 +28,46 @@ PREFERENCE_SHAPES = "{'prompt', 'chosen', 'rejected'} or {'chosen', 'rejected'} 
 PROMPT_SHAPES = "{'prompt', 'answer'}"
 
 
+def present(row: dict[str, Any], *keys: str) -> bool:
+    """Whether `row` has a non-null value for every one of `keys`."""
+    return all(row.get(key) is not None for key in keys)
+
+
 def row_format(row: dict[str, Any]) -> str | None:
-    """"preference", "chat" or "text" by the row's keys (None: none of them)."""
-    if "chosen" in row and "rejected" in row:
+    """"preference", "chat" or "text" by the row's non-null keys (None: none of them)."""
+    if present(row, "chosen", "rejected"):
         return "preference"
-    if "messages" in row or "conversations" in row or ("prompt" in row and any(k in row for k in RESPONSE_KEYS)):
+    if present(row, "messages") or present(row, "conversations") or (
+            present(row, "prompt") and any(present(row, k) for k in RESPONSE_KEYS)):
         return "chat"
-    return "text" if "text" in row else None
+    return "text" if present(row, "text") else None
 
 
 def has_format(row: dict[str, Any], format: str) -> bool:
     """Whether `row` has one of the shapes of batch `format` ({'prompt', 'answer'} is chat and prompts)."""
-    return "prompt" in row and "answer" in row if format == "prompts" else row_format(row) == format
+    return present(row, "prompt", "answer") if format == "prompts" else row_format(row) == format
 
 
 def prompt_messages(where: str, row: dict[str, Any]) -> tuple[list[Message], str]:
     """(prompt messages, reference answer) of a prompt row."""
-    if not ("prompt" in row and "answer" in row):
-        raise RecordError(where, f"not a prompt row: expected {PROMPT_SHAPES}, got keys {sorted(row)}")
+    if not present(row, "prompt", "answer"):
+        raise RecordError(where, f"not a prompt row: expected {PROMPT_SHAPES}, got keys {_keys(row)}")
     if not isinstance(row["prompt"], str):
         return _message_list(where, "prompt", row["prompt"]), _string(where, row, "answer")
-    system = [{"role": "system", "content": _string(where, row, "system")}] if "system" in row else []
-    return [*system, {"role": "user", "content": row["prompt"]}], _string(where, row, "answer")
+    return [*_system(where, row), {"role": "user", "content": row["prompt"]}], _string(where, row, "answer")
 
 
 def chat_messages(where: str, row: dict[str, Any]) -> list[Message]:
     """The conversation of a chat row; it must contain at least one assistant turn."""
-    if "messages" in row:
+    if present(row, "messages"):
         messages = _message_list(where, "messages", row["messages"])
-    elif "conversations" in row:
+    elif present(row, "conversations"):
         messages = _sharegpt(where, row["conversations"])
-    elif "prompt" in row and (key := next((k for k in RESPONSE_KEYS if k in row), None)):
-        system = [{"role": "system", "content": _string(where, row, "system")}] if "system" in row else []
-        messages = [*system, {"role": "user", "content": _string(where, row, "prompt")},
+    elif present(row, "prompt") and (key := next((k for k in RESPONSE_KEYS if present(row, k)), None)):
+        messages = [*_system(where, row), {"role": "user", "content": _string(where, row, "prompt")},
                     {"role": "assistant", "content": _string(where, row, key)}]
     else:
-        raise RecordError(where, f"not a chat row: expected {CHAT_SHAPES}, got keys {sorted(row)}")
+        raise RecordError(where, f"not a chat row: expected {CHAT_SHAPES}, got keys {_keys(row)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError(where, "the conversation has no assistant turn, so nothing to learn from")
     return messages
@@ -69,9 +75,9 @@ def chat_messages(where: str, row: dict[str, Any]) -> list[Message]:
 
 def preference_messages(where: str, row: dict[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
     """(prompt, chosen, rejected) message lists of a preference row."""
-    if not ("chosen" in row and "rejected" in row):
-        raise RecordError(where, f"not a preference row: expected {PREFERENCE_SHAPES}, got keys {sorted(row)}")
-    if "prompt" in row:
+    if not present(row, "chosen", "rejected"):
+        raise RecordError(where, f"not a preference row: expected {PREFERENCE_SHAPES}, got keys {_keys(row)}")
+    if present(row, "prompt"):
         prompt = row["prompt"]
         prompt = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
                   else _message_list(where, "prompt", prompt))
@@ -123,6 +129,16 @@ def _sharegpt(where: str, value: Any) -> list[Message]:
                                      f"got {turn!r:.80}")
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return messages
+
+
+def _system(where: str, row: dict[str, Any]) -> list[Message]:
+    """The optional system message of a {'prompt', ...} row, as a list of zero or one message."""
+    return [{"role": "system", "content": _string(where, row, "system")}] if present(row, "system") else []
+
+
+def _keys(row: dict[str, Any]) -> str:
+    """The row's keys for an error message; null ones are marked, since they count as absent."""
+    return str(sorted(k if v is not None else f"{k}=null" for k, v in row.items()))
 
 
 def _string(where: str, row: dict[str, Any], key: str) -> str:

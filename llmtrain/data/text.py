@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.data.packing import RowBatches, pack_documents
-from llmtrain.data.records import read_records, string_field
+from llmtrain.data.records import read_records, read_text, string_field
 from llmtrain.data.splits import Splits
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one file; a malformed row is reported as file:line (Parquet: file:row N)."""
+    """The documents of one file; a malformed row or bad UTF-8 is reported as file:line (Parquet: file:row N)."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        yield read_text(path)
         return
     for where, row in read_records(path):
         yield string_field(where, row, "text")

@@ -4,17 +4,18 @@ HF has no "bytes offset by 8" model, but a byte-level BPE with no merges is exac
 ByteLevel pre-tokenizer maps every byte to one printable character (GPT-2's table), and the BPE
 vocabulary maps that character to id 8 + byte. The special tokens keep ids 0-7. The one behaviour
 that differs: HF recognises a special token's literal text (e.g. "<eos>") inside a string, while
-ByteTokenizer encodes such text as plain bytes.
+ByteTokenizer encodes such text as plain bytes. Like every exported tokenizer (bpe.write_tokenizer_dir),
+`tokenizer(text)` in transformers starts with <bos>, as the model was trained.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from llmtrain.data.bpe import tokenizer_config, write_tokenizer_dir
 from llmtrain.data.tokenizer import BYTE_OFFSET, SPECIAL_TOKENS, ByteTokenizer
 
 
@@ -48,15 +49,7 @@ def write_tokenizer_files(tokenizer: ByteTokenizer | Any, out_dir: Path) -> None
     if hasattr(tokenizer, "save"):
         tokenizer.save(out_dir)
         return
-    byte_tokenizer_json(tokenizer).save(str(out_dir / "tokenizer.json"))
+    hf = byte_tokenizer_json(tokenizer)
     names = {i: token for token, i in tokenizer.special_tokens.items()}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": names[tokenizer.bos_id],
-        "eos_token": names[tokenizer.eos_id],
-        "pad_token": names[tokenizer.pad_id],
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = tokenizer_config(hf, bos=names[tokenizer.bos_id], eos=names[tokenizer.eos_id], pad=names[tokenizer.pad_id])
+    write_tokenizer_dir(hf, config, out_dir)
