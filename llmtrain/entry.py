@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmtrain.checkpoint import load_checkpoint
 from llmtrain.launch import launch, under_launcher
-from llmtrain.pretrained import build, load_weights, source_model_node, stage_record
+from llmtrain.pretrained import build, check_tokenizer, load_weights, source_model_node, stage_record
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, relocate, save_resolved_config
 from llmtrain.trainer import NonFiniteError
 
@@ -114,6 +114,7 @@ def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
     """
     init_from = cfg.model.get("init_from")
     if init_from:
+        check_tokenizer(init_from, cfg.data.tokenizer)     # before the source's architecture replaces ours
         node = source_model_node(init_from)
         node.init_from, node.thinking = init_from, cfg.model.get("thinking")
         log.info("model.init_from=%s: the architecture and weights come from there", init_from)
@@ -149,12 +150,38 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
     nprocs = cfg.hardware.get("nprocs")
     if nprocs is not None and not under_launcher():
+        _pin_wandb_group(cfg)
         with claimed_run_dir(output_dir, claim=checkpoint is None, keep_if_started=True):
             return launch(cfg, checkpoint, nprocs), {"cfg": cfg}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not _is_distributed(cfg.hardware):
+        raise ValueError(f"this process is one of {world_size} ranks (WORLD_SIZE={world_size}, e.g. torchrun), but "
+                         f"hardware._target_={cfg.hardware.get('_target_')} runs one process alone: every rank would "
+                         "train the whole run into the same directory. Add hardware=ddp or hardware=fsdp")
     if nprocs is not None and nprocs > 1:
         raise ValueError(f"hardware.nprocs={nprocs} starts rank processes itself; under torchrun (or SLURM) "
                          "leave it at 1: the launcher already started the ranks")
     return run(cfg, checkpoint, claim=checkpoint is None and int(os.environ.get("RANK", "0")) == 0)
+
+
+def _pin_wandb_group(cfg: DictConfig) -> None:
+    """The rank processes rebuild the config without Hydra, so a W&B group left null (the sweep
+    directory in a multirun) is filled in here, where Hydra still knows the sweep."""
+    from llmtrain.callbacks.wandb import hydra_sweep_group
+    node = OmegaConf.select(cfg, "callbacks.wandb")
+    if node is not None and "group" in node and node.group is None and (group := hydra_sweep_group()):
+        node.group = group
+
+
+def _is_distributed(node: DictConfig) -> bool:
+    """Whether the hardware node builds a multi-process `llmtrain.distributed.Distributed`."""
+    from hydra.utils import get_class
+
+    from llmtrain.distributed import Distributed
+    try:
+        return issubclass(get_class(node._target_), Distributed)
+    except Exception:                # not a class (a factory function): it decides for itself
+        return True
 
 
 def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str, float], dict[str, Any]]:

@@ -366,8 +366,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true",
                         help="send each prompt as a user turn through the run's chat template (SFT/DPO checkpoints)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:N or mps")
     return parser.parse_args(argv)
+
+
+def device_argument(name: str) -> torch.device:
+    """--device as a torch.device this machine has; else an argparse error (rc 2, one line, no traceback)."""
+    have = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    try:
+        device = torch.device(name)
+    except RuntimeError:                 # torch's "Expected one of cpu, cuda, ... device type"
+        device = None
+    if device is None or device.type not in have:
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu, cuda, cuda:N or mps")
+    n = have[device.type]
+    if (device.index or 0) >= n:
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {n} {device.type.upper()} device(s)" +
+                                         ("; use --device cpu" if n == 0 else f", {device.type}:0..{n - 1}"))
+    return device
 
 
 def main(argv: Sequence[str]) -> int:
@@ -384,7 +400,9 @@ def main(argv: Sequence[str]) -> int:
             template = make_template(tokenizer, cfg.data.get("chat_template"))
             prompts = [template.encode_prompt([{"role": "user", "content": text}]) for text in args.prompt]
         else:
-            prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+            # As training sequences start: with <bos> only where the tokenizer has one (llmtrain.data.chat
+            # leaves it out for a tokenizer without one; encode(bos=True) would refuse).
+            prompts = [tokenizer.encode(text, bos=tokenizer.bos_id is not None) for text in args.prompt]
         result = generate(model, prompts, args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -3,7 +3,8 @@
 `model.init_from=<path>` (any strategy) and the `llmtrain generate` / `llmtrain export` commands
 go through here. The source decides the architecture: a checkpoint's config.yaml, or the HF
 config.json, gives the `model` node, so a fine-tuning stage cannot silently build a different
-shape than the weights it loads.
+shape than the weights it loads; `check_tokenizer` refuses a run tokenizer in which the source's
+ids would mean other tokens.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_model
+from tokenizers import Tokenizer
 from torch import nn
 
+from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.hf import io as hf_io
 from llmtrain.hf.common import THINKING_PREFIX
+from llmtrain.hf.tokenizer import byte_tokenizer_json
 from llmtrain.rundir import find_checkpoint, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,92 @@ def source_model_node(init_from: str | os.PathLike) -> DictConfig:
     node = OmegaConf.create(OmegaConf.to_container(saved.model))
     node.pop("init_from", None)
     return node
+
+
+def check_tokenizer(init_from: str | os.PathLike, tokenizer_node: DictConfig) -> None:
+    """Refuse a run whose tokenizer (`data.tokenizer`) does not fit the weights of `init_from`.
+
+    The source's embedding rows learned what each id means, so every token of the tokenizer it was
+    trained with must keep its id in this run's; a tokenizer that only adds tokens passes (its new
+    ids start from rows the source never trained). Vocabularies are compared, not paths, so a copied
+    or moved tokenizer passes too. The source's tokenizer is its config.yaml's data.tokenizer (a
+    llmtrain checkpoint) or the folder's tokenizer.json (Hugging Face); where that cannot be read, a
+    warning says that nothing was checked. Last, the source must have a row for each of this run's ids.
+    """
+    tokenizer, ours = instantiate(tokenizer_node), describe_tokenizer(tokenizer_node)
+    if (source := source_vocabulary(init_from)) is not None:
+        check_ids_kept(init_from, source, vocabulary(tokenizer), ours)
+    vocab_size = source_model_node(init_from).vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} (from model.init_from={init_from}) is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size} tokens, {ours})")
+
+
+def check_ids_kept(init_from: str | os.PathLike, source: tuple[str, str, dict[str, int]],
+                   vocab: dict[str, int] | None, ours: str) -> None:
+    """Refuse a run vocabulary `vocab` in which a token of the source's has another id (or none)."""
+    theirs, choice, source_vocab = source
+    if vocab is None:
+        log.warning("model.init_from=%s: this run's tokenizer (%s) has no tokenizers.Tokenizer vocabulary, so it "
+                    "is not checked against the source's (%s)", init_from, ours, theirs)
+        return
+    moved = sorted((i, token) for token, i in source_vocab.items() if vocab.get(token) != i)
+    if moved:
+        raise ValueError(f"model.init_from={init_from} was trained with tokenizer {theirs}; this run uses {ours}, "
+                         f"where {len(moved)} of its {len(source_vocab)} tokens have another id or none (e.g. "
+                         f"id {moved[0][0]} {moved[0][1]!r}), so the weights would read them as other tokens. "
+                         f"Set {choice}")
+    if len(vocab) > len(source_vocab):
+        log.info("model.init_from=%s: this run's tokenizer adds %d tokens to the source's; their embeddings "
+                 "start untrained", init_from, len(vocab) - len(source_vocab))
+
+
+def source_vocabulary(init_from: str | os.PathLike) -> tuple[str, str, dict[str, int]] | None:
+    """(what the source's tokenizer is, the data.tokenizer overrides that choose it, its token -> id),
+    or None with a warning when it cannot be read."""
+    unchecked = "make sure that this run's tokenizer is the one its weights were trained with"
+    if hf_io.is_hf_dir(init_from):
+        file = Path(init_from) / "tokenizer.json"
+        if not file.is_file():
+            log.warning("model.init_from=%s has no tokenizer.json: %s", init_from, unchecked)
+            return None
+        try:
+            vocab = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
+        except Exception as error:          # tokenizers raises a bare Exception for a file it cannot read
+            log.warning("model.init_from=%s: %s cannot be read (%s): %s", init_from, file, error, unchecked)
+            return None
+        return str(file), f"data/tokenizer=file data.tokenizer.path={init_from}", vocab
+    node = checkpoint_config(find_checkpoint(init_from, "model.init_from")).data.tokenizer
+    try:
+        tokenizer = instantiate(node)
+    except InstantiationException as error:  # e.g. its tokenizer.json was moved since
+        log.warning("model.init_from=%s was trained with tokenizer %s, which cannot be loaded now (%s): %s",
+                    init_from, describe_tokenizer(node), error.__cause__ or error, unchecked)
+        return None
+    if (vocab := vocabulary(tokenizer)) is None:
+        log.warning("model.init_from=%s was trained with tokenizer %s, which has no tokenizers.Tokenizer "
+                    "vocabulary: %s", init_from, describe_tokenizer(node), unchecked)
+        return None
+    return describe_tokenizer(node), choose_tokenizer(node), vocab
+
+
+def vocabulary(tokenizer: Any) -> dict[str, int] | None:
+    """token -> id, special tokens included, of a ByteTokenizer or TokenizerFile (None for other classes)."""
+    hf = byte_tokenizer_json(tokenizer) if isinstance(tokenizer, ByteTokenizer) else getattr(tokenizer, "hf", None)
+    return hf.get_vocab(with_added_tokens=True) if isinstance(hf, Tokenizer) else None
+
+
+def describe_tokenizer(node: DictConfig) -> str:
+    name = str(node._target_).rsplit(".", 1)[-1]
+    return f"{name}({node.path})" if "path" in node else name
+
+
+def choose_tokenizer(node: DictConfig) -> str:
+    """The command-line overrides that give a run the tokenizer of `node`."""
+    if "path" in node:
+        return f"data/tokenizer=file data.tokenizer.path={node.path}"
+    return "data/tokenizer=byte" if node._target_ == "llmtrain.data.tokenizer.ByteTokenizer" else \
+        f"data.tokenizer._target_={node._target_}"
 
 
 def stage_record(init_from: str | os.PathLike) -> dict[str, Any]:
@@ -62,18 +154,21 @@ def build(node: DictConfig, **kwargs: Any) -> nn.Module:
     return instantiate(node, **kwargs)
 
 
-def load_weights(model: nn.Module, init_from: str | os.PathLike) -> None:
+def load_weights(model: nn.Module, init_from: str | os.PathLike, option: str = "model.init_from") -> None:
     """Copy the weights of `init_from` into `model`; every name and shape must match, except HRPO's
     thinking module (`thinking.*`), which starts fresh when the source lacks it and is dropped when
-    the model lacks it."""
+    the model lacks it. `option` names `init_from` in the errors."""
     if hf_io.is_hf_dir(init_from):
         hf_io.load_weights(model, init_from)
         if getattr(model, "thinking", None) is not None:
             log.info("model.init_from=%s: the thinking module (HRPO) starts from its initialisation", init_from)
         return
-    checkpoint = find_checkpoint(init_from, "model.init_from")
+    checkpoint = find_checkpoint(init_from, option)
+    file = checkpoint / "model.safetensors"
+    if wrong := wrong_shapes(model, file):     # else load_model raises torch's multi-line RuntimeError
+        raise ValueError(f"{option}={init_from}: {file} does not fit the model: {'; '.join(wrong)}")
     device = str(next(model.parameters()).device)
-    missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False, device=device)
+    missing, unexpected = load_model(model, str(file), strict=False, device=device)
     fresh, dropped = ([n for n in names if n.startswith(THINKING_PREFIX)] for names in (missing, unexpected))
     if fresh:
         log.info("model.init_from=%s has no thinking module: it starts from its initialisation", init_from)
@@ -82,9 +177,17 @@ def load_weights(model: nn.Module, init_from: str | os.PathLike) -> None:
                     "dropped (set model/thinking to keep them)", init_from)
     missing, unexpected = sorted(set(missing) - set(fresh)), sorted(set(unexpected) - set(dropped))
     if missing or unexpected:
-        raise ValueError(f"model.init_from={init_from}: {checkpoint}/model.safetensors does not fit the model: "
+        raise ValueError(f"{option}={init_from}: {file} does not fit the model: "
                          f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     log.info("initial weights from %s", checkpoint)
+
+
+def wrong_shapes(model: nn.Module, file: Path) -> list[str]:
+    """One entry per tensor that the file and the model both hold with different shapes."""
+    with safe_open(str(file), "pt") as saved:
+        shapes = {name: list(saved.get_slice(name).get_shape()) for name in saved.keys()}
+    return [f"{name} is {shapes[name]} there, {list(tensor.shape)} in the model"
+            for name, tensor in model.state_dict().items() if name in shapes and shapes[name] != list(tensor.shape)]
 
 
 def load_checkpoint_model(path: str | os.PathLike, option: str = "checkpoint") -> tuple[nn.Module, Any, DictConfig]:
@@ -92,5 +195,5 @@ def load_checkpoint_model(path: str | os.PathLike, option: str = "checkpoint") -
     checkpoint = find_checkpoint(path, option)
     cfg = checkpoint_config(checkpoint)
     model = build(cfg.model)
-    load_weights(model, checkpoint)
+    load_weights(model, checkpoint, option)
     return model.eval(), instantiate(cfg.data.tokenizer), cfg

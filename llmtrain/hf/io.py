@@ -110,9 +110,10 @@ def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLik
     """Write `model` and `tokenizer` as a HF folder; refuses to replace an existing folder.
 
     The folder is written next to its destination under a temporary name and renamed at the end,
-    so an interrupted export never leaves a half-written model that looks complete. A model with
-    HRPO's thinking module is refused unless `drop_thinking`: the exported model has no latent
-    blend and decodes with plain token embeddings, i.e. it is not the hybrid policy that was trained.
+    so an interrupted export never leaves a half-written model that looks complete, and a failed
+    one (e.g. a model the format cannot hold) removes it again. A model with HRPO's thinking module
+    is refused unless `drop_thinking`: the exported model has no latent blend and decodes with plain
+    token embeddings, i.e. it is not the hybrid policy that was trained.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -123,9 +124,13 @@ def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLik
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    config = family.hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(family.to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer_files(tokenizer, tmp)
-    tmp.rename(out_dir)
+    try:
+        config = family.hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(family.to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_tokenizer_files(tokenizer, tmp)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)       # a refused or interrupted export leaves nothing behind
+        raise
     return out_dir
