@@ -39,7 +39,10 @@ def best_device() -> str:
 def auto_precision(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"      # fp16 (V100, T4) needs the scaler
+    # Native bf16 only: torch's default also counts emulation, so a V100 or T4 would answer True and
+    # run bf16 emulated (slowly) instead of fp16 (which needs the scaler).
+    with torch.cuda.device(device):
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 class Hardware:
@@ -80,8 +83,10 @@ class Hardware:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.onednn_linear = use_onednn(onednn_linear)
         seed_everything(seed)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True   # fp32 leftovers (norms, loss) on tensor cores
+        if self.device.type == "cuda" and self.precision != "fp32":
+            # The fp32 leftovers of a bf16/fp16 run (norms, loss) on tensor cores; an fp32 run asked
+            # for fp32 matmuls, so it keeps torch's default (TF32 off: a 10-bit mantissa).
+            torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
     @property

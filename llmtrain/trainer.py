@@ -15,7 +15,10 @@ raises, Ctrl-C included).
 
 A window whose loss or gradient norm is not finite (NaN/inf) is never trained on: its update is
 skipped (`nonfinite="skip"`, counted in `nonfinite_steps`) or the run stops after it with a
-checkpoint (`nonfinite="stop"`, NonFiniteError); see `Trainer._update`.
+checkpoint (`nonfinite="stop"`, NonFiniteError); see `Trainer._update`. Under fp16 a finite loss
+with inf gradients is the loss scaler overshooting, its normal back-off (the scale grows every 2000
+steps until it overflows): that step is skipped and counted in `scaler_skips`, not as a non-finite
+step, unless `MAX_SCALER_BACKOFFS` come in a row (the scale would be ~2^-50 of where it started).
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class NonFiniteError(RuntimeError):
         return (f"step {self.step}: {why}; {saved}. To go on past it: resume={where} trainer.nonfinite=skip. "
                 "To retry with a lower learning rate, start a new run (a resumed run keeps its checkpoint's "
                 f"learning rate), e.g. model.init_from={where} optimizer.lr=<lower>.")
+
+
+MAX_SCALER_BACKOFFS = 50      # fp16 back-offs in a row (each halves the scale) before they count as divergence
 
 
 def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
@@ -156,6 +162,7 @@ class Trainer:
         self.stop_reason: str | None = None             # set by request_stop; checked between steps
         self.nonfinite, self.max_nonfinite_steps = nonfinite, max_nonfinite_steps
         self.nonfinite_steps = self.nonfinite_streak = 0   # skipped updates: in all, and in a row up to now
+        self.scaler_skips = self.scaler_streak = 0         # fp16 loss-scale back-offs: in all, and in a row
         self.nonfinite_what: str | None = None          # what was not finite in the last step, else None
 
     def request_stop(self, reason: str) -> None:
@@ -237,7 +244,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration, "lr": lr,
                 **self.strategy.summarize(values), **aux, "grad_norm": grad_norm,
-                "nonfinite_steps": self.nonfinite_steps, "tokens_per_s": tokens * self.hardware.world_size / seconds,
+                "nonfinite_steps": self.nonfinite_steps,
+                **({"scaler_skips": self.scaler_skips} if self.hardware.scaler is not None else {}),
+                "tokens_per_s": tokens * self.hardware.world_size / seconds,
                 "elapsed_s": time.perf_counter() - self._clock_zero}
 
     def _update(self, loss: float, grad_norm: float) -> bool:
@@ -252,6 +261,16 @@ class Trainer:
         from the one device sync per step that the metrics need anyway (now before the update).
         """
         bad = [name for name, value in (("loss", loss), ("gradients", grad_norm)) if not math.isfinite(value)]
+        if (bad == ["gradients"] and self.hardware.scaler is not None
+                and self.scaler_streak < MAX_SCALER_BACKOFFS):
+            self.nonfinite_what = None              # the scaler overshot: it lowers its scale in this call
+            self.hardware.optimizer_step(self.optimizer, skip=True)
+            self.scaler_skips += 1
+            self.scaler_streak += 1
+            log.info("step %d: fp16 gradients overflowed the loss scale: update skipped, scale lowered to %g",
+                     self.step + 1, self.hardware.scaler.get_scale())
+            return False
+        self.scaler_streak = 0
         self.nonfinite_what = " and ".join(bad) or None
         if self.nonfinite_what is None:
             self.nonfinite_streak = 0
@@ -300,13 +319,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "iteration": self.iteration,
                 "elapsed_s": time.perf_counter() - self._clock_zero,
-                "nonfinite_steps": self.nonfinite_steps, "nonfinite_streak": self.nonfinite_streak}
+                "nonfinite_steps": self.nonfinite_steps, "nonfinite_streak": self.nonfinite_streak,
+                "scaler_skips": self.scaler_skips, "scaler_streak": self.scaler_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.iteration = state["step"], state["epoch"], state["iteration"]
         self.elapsed_s = state["elapsed_s"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)          # absent in older checkpoints
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.scaler_skips, self.scaler_streak = state.get("scaler_skips", 0), state.get("scaler_streak", 0)
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:

@@ -273,3 +273,23 @@ def test_step_and_eval_counts_below_one_fail_before_training(options, message):
     """Caught when the trainer is built, not at the first evaluation after hours of training."""
     with pytest.raises(ValueError, match=message):
         make_trainer(1, 1, **options)
+
+
+def test_fp16_loss_scale_back_offs_are_not_divergence():
+    """The scaler's scale grows until it overflows, then halves: that skipped step is normal under fp16,
+    and must neither stop a `nonfinite=stop` run nor count toward "the run has diverged"."""
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4,
+                        n_kv_heads=2), ffn=functools.partial(SwiGLU))
+    hardware = Hardware(device="cpu", precision="fp16")
+    hardware.scaler._init_scale = 2.0 ** 24                # overflows for the first several steps
+    ids = torch.randint(0, 50, (80, 16))
+    trainer = Trainer(model=model, strategy=NextToken(), data=RowData(ids, ids, 4),
+                      optimizer=adamw(model.named_parameters(), lr=3e-3), scheduler=constant, hardware=hardware,
+                      max_steps=20, nonfinite="stop", max_nonfinite_steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.fit()
+    assert trainer.step == 20 and trainer.nonfinite_steps == 0
+    assert 2 < trainer.scaler_skips < 20 and metrics["scaler_skips"] == trainer.scaler_skips
+    assert hardware.scaler.get_scale() < 2.0 ** 24
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))   # later steps trained

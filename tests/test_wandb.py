@@ -198,3 +198,21 @@ def test_mode_is_offline_without_credentials_unless_set(monkeypatch, tmp_path):
 def test_a_bad_mode_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="callbacks.wandb.mode='onlin'"):
         WandbLogger(mode="onlin")
+
+
+def test_rank_processes_of_a_sweep_job_keep_the_sweep_group(monkeypatch):
+    """hardware.nprocs ranks rebuild the config without Hydra: the group is pinned before they start."""
+    from omegaconf import OmegaConf
+
+    import llmtrain.callbacks.wandb as wandb_module
+    from llmtrain.entry import _pin_wandb_group
+    monkeypatch.setattr(wandb_module, "hydra_sweep_group", lambda: "multirun/2026-12-07/10-00-00")
+    cfg = OmegaConf.create({"callbacks": {"wandb": {"group": None}}})
+    _pin_wandb_group(cfg)
+    assert cfg.callbacks.wandb.group == "multirun/2026-12-07/10-00-00"
+    chosen = OmegaConf.create({"callbacks": {"wandb": {"group": "mine"}}})
+    _pin_wandb_group(chosen)
+    assert chosen.callbacks.wandb.group == "mine"
+    none = OmegaConf.create({"callbacks": {}})
+    _pin_wandb_group(none)
+    assert "wandb" not in none.callbacks

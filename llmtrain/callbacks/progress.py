@@ -1,20 +1,40 @@
 """A rich progress bar with the step's loss, lr and tokens/s (and DPO's reward accuracy, GRPO's mean
-reward, and the number of updates skipped for a non-finite loss, once there is one)."""
+reward, and the number of updates skipped for a non-finite loss, once there is one).
+
+Rich draws a live bar only on a terminal; written to a file (nohup, a SLURM log) it shows its final
+state alone, at the end. So each evaluation's line is also logged (console and train.log), and off
+a terminal the step line is logged every `log_every` steps too.
+"""
 
 from __future__ import annotations
 
+import logging
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rich.text import Text
 
 from llmtrain.callbacks.base import Callback
 
+log = logging.getLogger(__name__)
+
 
 class RichProgress(Callback):
-    """Redraws at most `refresh_per_second`; the last eval metrics stay on the line."""
+    """Redraws at most `refresh_per_second`; the last eval metrics stay on the line.
+
+    Args:
+        refresh_per_second: Redraw rate of the bar.
+        log_every: Steps between logged step lines when the console is not a terminal; None = about
+            20 lines over the run. Evaluation steps are logged in any case.
+    """
 
     rank_zero_only = True
 
-    def __init__(self, refresh_per_second: float = 4.0) -> None:
+    def __init__(self, refresh_per_second: float = 4.0, log_every: int | None = None) -> None:
+        if log_every is not None and log_every < 1:
+            raise ValueError(f"callbacks.progress.log_every={log_every} must be >= 1 or null")
         self.refresh_per_second = refresh_per_second
+        self.log_every = log_every
         self.progress: Progress | None = None
         self.eval_text = ""
 
@@ -23,6 +43,8 @@ class RichProgress(Callback):
                                  TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  refresh_per_second=self.refresh_per_second)
         self.task = self.progress.add_task("train", total=trainer.total_steps, completed=trainer.step, text="")
+        self.on_terminal = self.progress.console.is_terminal
+        self.every = self.log_every or max(1, trainer.total_steps // 20)
         self.progress.start()
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
@@ -39,6 +61,8 @@ class RichProgress(Callback):
         text = (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
                 f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}{skipped}")
         self.progress.update(self.task, completed=trainer.step, text=text)
+        if "eval/loss" in metrics or (not self.on_terminal and trainer.step % self.every == 0):
+            log.info("step %d/%d: %s", trainer.step, trainer.total_steps, Text.from_markup(text).plain)
 
     def on_train_end(self, trainer) -> None:
         self.progress.stop()

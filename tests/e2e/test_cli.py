@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,8 @@ def test_a_run_leaves_the_design_run_directory(tmp_path):
     assert {row["step"] for row in samples} == {4, 8} and {"prompt", "expected", "predicted"} <= set(samples[0])
     log = (tmp_path / "train.log").read_text()
     assert "held-out accuracy" in log and str(tmp_path) in log
+    # Not a terminal: the progress bar's line is logged as it goes (each step here: 8 // 20 rounds up to 1)
+    assert "step 3/8: loss " in log and re.search(r"step 4/8: loss .* eval \d\.\d{3} acc ", log)
 
 
 # scheduler=sgdr, optimizer.lr, trainer.accumulation_steps and callbacks=none run as README commands
@@ -173,3 +176,13 @@ def test_a_nan_stops_the_run_with_a_checkpoint_when_configured(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "stopped_nonfinite"
     assert (tmp_path / "checkpoints/latest").resolve() == checkpoint
     assert rows(tmp_path)[-1]["step"] == 3 and rows(tmp_path)[-1]["loss"] is None
+
+
+def test_a_rank_of_a_multi_process_job_without_distributed_hardware_is_refused(tmp_path):
+    """torchrun without hardware=ddp|fsdp: each rank would train the whole run into one directory."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", "WORLD_SIZE": "2", "RANK": "0"}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), *SMOKE, f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "one of 2 ranks" in result.stderr + result.stdout and "hardware=ddp" in result.stderr + result.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()
