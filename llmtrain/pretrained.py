@@ -62,49 +62,50 @@ def check_tokenizer(init_from: str | os.PathLike, tokenizer_node: DictConfig) ->
 
 
 def check_ids_kept(init_from: str | os.PathLike, source: tuple[str, str, dict[str, int]],
-                   vocab: dict[str, int] | None, ours: str) -> None:
+                   vocab: dict[str, int] | None, ours: str, option: str = "model.init_from") -> None:
     """Refuse a run vocabulary `vocab` in which a token of the source's has another id (or none)."""
     theirs, choice, source_vocab = source
     if vocab is None:
-        log.warning("model.init_from=%s: this run's tokenizer (%s) has no tokenizers.Tokenizer vocabulary, so it "
-                    "is not checked against the source's (%s)", init_from, ours, theirs)
+        log.warning("%s=%s: this run's tokenizer (%s) has no tokenizers.Tokenizer vocabulary, so it "
+                    "is not checked against the source's (%s)", option, init_from, ours, theirs)
         return
     moved = sorted((i, token) for token, i in source_vocab.items() if vocab.get(token) != i)
     if moved:
-        raise ValueError(f"model.init_from={init_from} was trained with tokenizer {theirs}; this run uses {ours}, "
+        raise ValueError(f"{option}={init_from} was trained with tokenizer {theirs}; this run uses {ours}, "
                          f"where {len(moved)} of its {len(source_vocab)} tokens have another id or none (e.g. "
                          f"id {moved[0][0]} {moved[0][1]!r}), so the weights would read them as other tokens. "
                          f"Set {choice}")
     if len(vocab) > len(source_vocab):
-        log.info("model.init_from=%s: this run's tokenizer adds %d tokens to the source's; their embeddings "
-                 "start untrained", init_from, len(vocab) - len(source_vocab))
+        log.info("%s=%s: this run's tokenizer adds %d tokens to the source's; their embeddings "
+                 "start untrained", option, init_from, len(vocab) - len(source_vocab))
 
 
-def source_vocabulary(init_from: str | os.PathLike) -> tuple[str, str, dict[str, int]] | None:
+def source_vocabulary(init_from: str | os.PathLike, option: str = "model.init_from"
+                      ) -> tuple[str, str, dict[str, int]] | None:
     """(what the source's tokenizer is, the data.tokenizer overrides that choose it, its token -> id),
     or None with a warning when it cannot be read."""
     unchecked = "make sure that this run's tokenizer is the one its weights were trained with"
     if hf_io.is_hf_dir(init_from):
         file = Path(init_from) / "tokenizer.json"
         if not file.is_file():
-            log.warning("model.init_from=%s has no tokenizer.json: %s", init_from, unchecked)
+            log.warning("%s=%s has no tokenizer.json: %s", option, init_from, unchecked)
             return None
         try:
             vocab = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
         except Exception as error:          # tokenizers raises a bare Exception for a file it cannot read
-            log.warning("model.init_from=%s: %s cannot be read (%s): %s", init_from, file, error, unchecked)
+            log.warning("%s=%s: %s cannot be read (%s): %s", option, init_from, file, error, unchecked)
             return None
         return str(file), f"data/tokenizer=file data.tokenizer.path={init_from}", vocab
-    node = checkpoint_config(find_checkpoint(init_from, "model.init_from")).data.tokenizer
+    node = checkpoint_config(find_checkpoint(init_from, option)).data.tokenizer
     try:
         tokenizer = instantiate(node)
     except InstantiationException as error:  # e.g. its tokenizer.json was moved since
-        log.warning("model.init_from=%s was trained with tokenizer %s, which cannot be loaded now (%s): %s",
-                    init_from, describe_tokenizer(node), error.__cause__ or error, unchecked)
+        log.warning("%s=%s was trained with tokenizer %s, which cannot be loaded now (%s): %s",
+                    option, init_from, describe_tokenizer(node), error.__cause__ or error, unchecked)
         return None
     if (vocab := vocabulary(tokenizer)) is None:
-        log.warning("model.init_from=%s was trained with tokenizer %s, which has no tokenizers.Tokenizer "
-                    "vocabulary: %s", init_from, describe_tokenizer(node), unchecked)
+        log.warning("%s=%s was trained with tokenizer %s, which has no tokenizers.Tokenizer "
+                    "vocabulary: %s", option, init_from, describe_tokenizer(node), unchecked)
         return None
     return describe_tokenizer(node), choose_tokenizer(node), vocab
 

@@ -90,9 +90,9 @@ def test_qwen2_folder_imports_with_the_same_logits(tmp_path):
 
 def test_init_from_a_hf_folder_starts_from_its_weights_and_records_the_architecture(tmp_path):
     random_qwen2(tmp_path / "qwen2")
-    # data.accuracy_examples=0: the untrained folder's greedy answers hold ids 264..299, which the
-    # 264-id byte tokenizer cannot decode.
-    result = run_cli(*SMOKE, f"model.init_from={tmp_path / 'qwen2'}", "optimizer.lr=1e-7", "data.accuracy_examples=0",
+    # The untrained folder's greedy answers hold ids 264..299, past the 264-id byte tokenizer: the
+    # accuracy evaluation drops them (as transformers' decode does) instead of ending the run.
+    result = run_cli(*SMOKE, f"model.init_from={tmp_path / 'qwen2'}", "optimizer.lr=1e-7",
                      f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
     resolved = OmegaConf.load(tmp_path / "run" / "resolved_config.yaml")
@@ -267,3 +267,21 @@ def _llmtrain(*args: str):
     import subprocess
     import sys
     return subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_dpo_reference_from_a_folder_with_another_tokenizer_is_refused(tmp_path):
+    """strategy.reference=<dir> loads weights as init_from does, so it gets the same tokenizer check."""
+    from types import SimpleNamespace
+
+    from llmtrain.data.bpe import TokenizerFile
+    from llmtrain.strategies.dpo import FrozenReference
+    random_qwen2(tmp_path / "qwen2")                                          # vocab_size 300
+    bpe = bpe_folder(tmp_path / "bpe")
+    shutil.copy(bpe / "tokenizer.json", tmp_path / "qwen2")
+    policy = build(source_model_node(tmp_path / "qwen2"))
+    with pytest.raises(ValueError, match=r"strategy.reference=.*qwen2 was trained with tokenizer .*this run uses "
+                                         r"ByteTokenizer"):
+        FrozenReference(path=tmp_path / "qwen2").setup(policy, SimpleNamespace(tokenizer=ByteTokenizer()))
+    reference = FrozenReference(path=tmp_path / "qwen2")
+    reference.setup(policy, SimpleNamespace(tokenizer=TokenizerFile(str(bpe))))
+    assert reference.model is not None

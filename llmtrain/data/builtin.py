@@ -235,7 +235,8 @@ class BuiltinTask(Splits):
                                     thinking=thinking_decoder(model, self.tokenizer))   # HRPO: as trained
         finally:
             model.train(was_training)
-        return [(e, self.tokenizer.decode(ids).strip()) for e, ids in zip(examples, outputs)]
+        known = self.tokenizer.vocab_size     # a model with padding rows past the tokenizer may pick one
+        return [(e, self.tokenizer.decode([i for i in ids if i < known]).strip()) for e, ids in zip(examples, outputs)]
 
     def task_metrics(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
         """Exact-match accuracy of greedy answers: `accuracy` and `accuracy/<lang>` per language."""

@@ -120,9 +120,13 @@ class FrozenReference:
         if self.path is None:
             reference = copy.deepcopy(policy)
         else:
-            from llmtrain.pretrained import build, load_weights, source_model_node
+            from llmtrain.pretrained import (build, check_ids_kept, load_weights, source_model_node,
+                                             source_vocabulary, vocabulary)
+            tokenizer = getattr(data, "tokenizer", None)
+            if tokenizer is not None and (source := source_vocabulary(self.path, "strategy.reference")) is not None:
+                check_ids_kept(self.path, source, vocabulary(tokenizer), type(tokenizer).__name__, "strategy.reference")
             reference = build(source_model_node(self.path))
-            load_weights(reference, self.path)
+            load_weights(reference, self.path, "strategy.reference")
             if reference.vocab_size != policy.vocab_size:
                 raise ValueError(f"strategy.reference={self.path} has vocab_size {reference.vocab_size}, the policy "
                                  f"{policy.vocab_size}: they must share the tokenizer")

@@ -66,9 +66,13 @@ def completion_mask(tokens_BN: Tensor, eos_id: int) -> Tensor:
 
 
 def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """A completion's text for the rewards: <pad>/<bos>/<eos> dropped, other special tokens by name."""
-    framing = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
-    return tokenizer.decode([i for i in ids if i not in framing], skip_special=False)
+    """A completion's text for the rewards: <pad>/<bos>/<eos> dropped, other special tokens by name.
+
+    Ids past the tokenizer (a model whose embedding has padding rows, as many Hugging Face
+    checkpoints do) have no text and are dropped, as transformers' decode drops them; sampling one
+    must not end the run."""
+    framing, known = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}, tokenizer.vocab_size
+    return tokenizer.decode([i for i in ids if i not in framing and i < known], skip_special=False)
 
 
 def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float, group_size: int = 1) -> Tensor:

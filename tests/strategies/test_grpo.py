@@ -465,3 +465,10 @@ def test_pads_after_eos_and_before_the_prompt_take_no_part_in_the_moe_balance_lo
         completion_logps(model, b, 1.0, group_size=group_size)
         auxes.append(collect_aux_loss(model))
     torch.testing.assert_close(auxes[0], auxes[1], rtol=1e-6, atol=1e-7)
+
+
+def test_a_completion_id_past_the_tokenizer_is_dropped_from_the_reward_text():
+    """A model with padding rows past its tokenizer (many HF checkpoints) may sample one."""
+    tok = ByteTokenizer()
+    ids = [*tok.encode("4"), tok.vocab_size + 3, *tok.encode("2"), tok.eos_id]
+    assert completion_text(tok, ids) == "42"
