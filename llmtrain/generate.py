@@ -282,24 +282,23 @@ def prefill(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
     return cache, ids_BP, mask_BP, logits_BV, hidden_BD
 
 
-def all_finished(model: nn.Module, finished_B: Tensor) -> bool:
-    """Whether decoding can stop: every row hit EOS, on every rank when the model is FSDP-sharded.
+def ranks_decode_together(model: nn.Module) -> bool:
+    """Whether every rank must run the same number of decode steps: under FSDP2 each forward
+    all-gathers the parameters, a collective all ranks must enter, so a rank whose rows all finished
+    early and stopped would leave the others waiting in the next step's gather. Asked once per decode."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
-    Each forward of an FSDP2 model all-gathers its parameters, a collective that all ranks must
-    enter: a rank whose rows all finished early and stopped would leave the others waiting in the
-    next step's gather (a hang, or a mismatch with the next collective). So under FSDP the ranks
-    agree on stopping (one all-reduce per step); elsewhere it is this rank's rows alone.
-    """
+
+def all_finished(finished_B: Tensor, together: bool) -> bool:
+    """Whether decoding can stop: every row hit EOS, on every rank if `together` (one all-reduce)."""
     done = finished_B.all()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_fsdp(model):
+    if together:
         done = done.to(torch.int32)
         torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
     return bool(done)
-
-
-def _is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int, max_new_tokens: int,
@@ -315,6 +314,7 @@ def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
     cache, ids_BP, mask_BP, logits_BV, _ = prefill(model, ids_BP, mask_BP, num_samples, max_new_tokens)
     sampler.start(ids_BP, mask_BP, logits_BV.shape[-1])
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    together = ranks_decode_together(model)
     for n in range(max_new_tokens):
         next_B = sampler(logits_BV).masked_fill_(finished_B, pad_id)   # SPECS 7.5
         tokens_BN[:, n] = next_B
@@ -323,7 +323,7 @@ def _decode(model: nn.Module, ids_BP: Tensor, mask_BP: Tensor, num_samples: int,
             logp_B = token_logprobs(logits_BV.float(), next_B, sampler.temperature)
             logprobs_BN[:, n] = logp_B.masked_fill_(finished_B, 0.0)
         finished_B |= next_B == eos_id
-        if n + 1 == max_new_tokens or all_finished(model, finished_B):
+        if n + 1 == max_new_tokens or all_finished(finished_B, together):
             break
         logits_BV = model(next_B[:, None], cache=cache)[:, -1]
     steps = n + 1

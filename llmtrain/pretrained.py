@@ -53,12 +53,18 @@ def check_tokenizer(init_from: str | os.PathLike, tokenizer_node: DictConfig) ->
     warning says that nothing was checked. Last, the source must have a row for each of this run's ids.
     """
     tokenizer, ours = instantiate(tokenizer_node), describe_tokenizer(tokenizer_node)
-    if (source := source_vocabulary(init_from)) is not None:
-        check_ids_kept(init_from, source, vocabulary(tokenizer), ours)
+    check_source_ids(init_from, tokenizer, ours)
     vocab_size = source_model_node(init_from).vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} (from model.init_from={init_from}) is smaller than the "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size} tokens, {ours})")
+
+
+def check_source_ids(init_from: str | os.PathLike, tokenizer: Any, ours: str, option: str = "model.init_from") -> None:
+    """The vocabulary half of `check_tokenizer`, for a built `tokenizer` (described as `ours`); also
+    what a DPO `strategy.reference=<path>` goes through."""
+    if (source := source_vocabulary(init_from, option)) is not None:
+        check_ids_kept(init_from, source, vocabulary(tokenizer), ours, option)
 
 
 def check_ids_kept(init_from: str | os.PathLike, source: tuple[str, str, dict[str, int]],

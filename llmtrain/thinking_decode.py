@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from llmtrain.generate import Sampler, all_finished, prefill, token_logprobs
+from llmtrain.generate import Sampler, all_finished, prefill, ranks_decode_together, token_logprobs
 
 
 class AnswerWatch:
@@ -104,7 +104,7 @@ class ThinkingDecoder:
         cache, ids_BP, mask_BP, logits_BV, hidden_BD = prefill(model, ids_BP, mask_BP, num_samples, N,
                                                                return_hidden=True)
         sampler.start(ids_BP, mask_BP, logits_BV.shape[-1])
-        embed_VD = whole(model.embed.weight)
+        embed_VD, together = whole(model.embed.weight), ranks_decode_together(model)
         watch, finished_B = AnswerWatch(self.answer_marker, self.decode_text, B), torch.zeros_like(thinking_BN[:, 0])
         for n in range(N):
             next_B, probs_BV = sampler.sample_with_probs(logits_BV, self.latent_temperature)
@@ -116,7 +116,7 @@ class ThinkingDecoder:
             latents_BND[:, n] = model.thinking.source(probs_BV, hidden_BD, embed_VD)
             thinking_BN[:, n] = watch.update(next_B, finished_B)
             finished_B |= next_B == eos_id
-            if n + 1 == N or all_finished(model, finished_B):
+            if n + 1 == N or all_finished(finished_B, together):
                 break
             logits_BTV, hidden_BTD = model(next_B[:, None], cache=cache, latents_BTD=latents_BND[:, n:n + 1],
                                            thinking_BT=thinking_BN[:, n:n + 1], return_hidden=True)

@@ -243,7 +243,12 @@ def test_a_greedy_sampler_gives_the_argmax_and_the_softmax_at_the_given_temperat
 
 def test_under_fsdp_decoding_stops_only_when_every_rank_has_finished(monkeypatch):
     """A rank that stopped early would leave the others waiting in the next step's all-gather."""
+    import torch.distributed.fsdp as fsdp
+
     import llmtrain.generate as generate_module
+
+    class Sharded(torch.nn.Linear):             # stands for a module fully_shard made (needs a process group)
+        pass
 
     reduced = []
 
@@ -251,11 +256,13 @@ def test_under_fsdp_decoding_stops_only_when_every_rank_has_finished(monkeypatch
         reduced.append(op)
         tensor.zero_()
 
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert not generate_module.ranks_decode_together(torch.nn.Linear(1, 1))     # no process group here
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(fsdp, "FSDPModule", Sharded)
+    plain, sharded = torch.nn.Linear(1, 1), torch.nn.Sequential(Sharded(1, 1))
+    assert not generate_module.ranks_decode_together(plain) and generate_module.ranks_decode_together(sharded)
     done_B = torch.ones(3, dtype=torch.bool)
-    monkeypatch.setattr(generate_module, "_is_fsdp", lambda model: False)
-    assert generate_module.all_finished(torch.nn.Linear(1, 1), done_B) and reduced == []
-    monkeypatch.setattr(generate_module, "_is_fsdp", lambda model: True)
-    assert not generate_module.all_finished(torch.nn.Linear(1, 1), done_B)
+    assert generate_module.all_finished(done_B, together=False) and reduced == []
+    assert not generate_module.all_finished(done_B, together=True)
     assert reduced == [torch.distributed.ReduceOp.MIN]

@@ -120,11 +120,9 @@ class FrozenReference:
         if self.path is None:
             reference = copy.deepcopy(policy)
         else:
-            from llmtrain.pretrained import (build, check_ids_kept, load_weights, source_model_node,
-                                             source_vocabulary, vocabulary)
-            tokenizer = getattr(data, "tokenizer", None)
-            if tokenizer is not None and (source := source_vocabulary(self.path, "strategy.reference")) is not None:
-                check_ids_kept(self.path, source, vocabulary(tokenizer), type(tokenizer).__name__, "strategy.reference")
+            from llmtrain.pretrained import build, check_source_ids, load_weights, source_model_node
+            if (tokenizer := getattr(data, "tokenizer", None)) is not None:
+                check_source_ids(self.path, tokenizer, type(tokenizer).__name__, "strategy.reference")
             reference = build(source_model_node(self.path))
             load_weights(reference, self.path, "strategy.reference")
             if reference.vocab_size != policy.vocab_size:
