@@ -5,7 +5,9 @@ per-token terms divided by the window's completion tokens (counted after the rol
 why the loop prepares a whole window before its first forward), so long completions are not
 down-weighted as in GRPO's per-completion mean. Clip-higher (clip_eps_high = 0.28 > clip_eps) is
 a value, not a class, and so is dynamic sampling (`filter_groups`, GRPO's docstring; without
-refill). Overlong filtering is not implemented.
+refill), and so is overlong filtering (`mask_truncated_completions`: completions cut at max_new_tokens
+without EOS are left out of the loss and of the token count). The soft overlong punishment is a
+reward on token counts, which the reward interface (texts) does not see; it is not implemented.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class DAPO(GRPO):
         super().__init__(*args, clip_eps_high=clip_eps_high, **kwargs)
 
     def num_items(self, batch: dict[str, Tensor]) -> int:
-        return int(batch["completion_mask"].sum())                # completion tokens
+        return int(self.loss_mask(batch).sum())                   # completion tokens the loss sees
 
     def aggregate(self, per_token_BN: Tensor, mask_BN: Tensor, num_items: int) -> Tensor:
-        return (per_token_BN * mask_BN).sum() / num_items
+        return (per_token_BN * mask_BN).sum() / max(num_items, 1)   # 0 tokens: every completion truncated

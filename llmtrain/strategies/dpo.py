@@ -11,7 +11,9 @@ where ε > 0 is conservative DPO (label smoothing). With `nll_weight` = α > 0 t
 TRL's `rpo_alpha`), which keeps DPO from lowering the likelihood of the preferred answers. At
 the first step policy == reference, so h = 0 and the loss is ln 2 (plus the NLL term). Metrics
 follow TRL: rewards/chosen = β(π_c - ρ_c), rewards/rejected, rewards/margins, rewards/accuracies
-(strict >, so 0 at the first step), logps/chosen, logps/rejected.
+(strict >, so 0 at the first step), logps/chosen, logps/rejected, and logits/chosen, logits/rejected
+(the policy's logits averaged over the vocabulary and then over the window's chosen, or rejected,
+response tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +34,28 @@ from llmtrain.strategies.seq import IGNORE_INDEX, real_tokens, shift_labels
 log = logging.getLogger(__name__)
 
 
-def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(summed log p of each row's target tokens, number of those tokens), both shape (rows,)."""
+class ResponseScores(NamedTuple):
+    """Per row (shape (rows,)): summed log p of the target tokens, their number, and the sum over them of
+    the logits' mean over the vocabulary (detached; for the logits/* metrics)."""
+
+    logps: Tensor
+    lengths: Tensor
+    logit_sums: Tensor
+
+
+def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> ResponseScores:
+    """The `ResponseScores` of each row of `batch`, one row per forward row."""
     logits_BTV = model(batch["input_ids"], token_mask_BT=real_tokens(batch["labels"]))   # MoE balance: no pads
     targets_BT = shift_labels(batch["labels"])
     nll_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none").view_as(targets_BT)          # 0 where ignored
-    return -nll_BT.sum(-1), (targets_BT != IGNORE_INDEX).sum(-1)
+    is_target_BT = targets_BT != IGNORE_INDEX
+    with torch.no_grad():
+        logit_sums_B = (logits_BTV.float().mean(-1) * is_target_BT).sum(-1)
+    return ResponseScores(-nll_BT.sum(-1), is_target_BT.sum(-1), logit_sums_B)
 
 
-def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> ResponseScores:
     """`response_logps` of a preference batch with each pair's prompt computed once.
 
     Pair i becomes one row, prompt + chosen + rejected, in which the rejected tokens attend to the
@@ -86,12 +101,15 @@ def shared_prompt_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Ten
                        token_mask_BT=(segment_BT != 3).to(device))       # MoE balance: padding left out
     batch_index = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sources)]).to(device)
     source, target, owner = (torch.cat(x).to(device) for x in (sources, targets, owners))
-    logp_K = -F.cross_entropy(logits_BTV[batch_index, source].float(), target, reduction="none")
+    logits_KV = logits_BTV[batch_index, source].float()
+    logp_K = -F.cross_entropy(logits_KV, target, reduction="none")
     logps_N = torch.zeros(2 * B, device=device, dtype=logp_K.dtype).index_add(0, owner, logp_K)
-    return logps_N, is_target_NT.sum(-1).to(device)
+    with torch.no_grad():
+        logit_sums_N = torch.zeros_like(logps_N).index_add(0, owner, logits_KV.mean(-1))
+    return ResponseScores(logps_N, is_target_NT.sum(-1).to(device), logit_sums_N)
 
 
-def pair_logps(model: nn.Module, batch: dict[str, Tensor], share_prompt: bool) -> tuple[Tensor, Tensor]:
+def pair_logps(model: nn.Module, batch: dict[str, Tensor], share_prompt: bool) -> ResponseScores:
     return shared_prompt_logps(model, batch) if share_prompt else response_logps(model, batch)
 
 
@@ -158,15 +176,29 @@ class FrozenReference:
             return pair_logps(self.model, batch, self.share_prompt)[0]
 
 
-def preference_metrics(beta: float, policy_2B: Tensor, reference_2B: Tensor, num_items: int) -> dict[str, Tensor]:
-    """TRL's reward metrics, each a sum over the micro-batch's pairs divided by the window's pairs."""
+def preference_metrics(beta: float, policy: ResponseScores, reference_2B: Tensor, num_items: int) -> dict[str, Tensor]:
+    """TRL's reward metrics, each a sum over the micro-batch's pairs divided by the window's pairs, and
+    the sums and token counts behind logits/chosen and logits/rejected (`token_means` divides them)."""
     with torch.no_grad():
-        policy_c, policy_r = policy_2B.detach().chunk(2)
-        reward_c, reward_r = (beta * (policy_2B.detach() - reference_2B)).chunk(2)
+        policy_c, policy_r = policy.logps.detach().chunk(2)
+        reward_c, reward_r = (beta * (policy.logps.detach() - reference_2B)).chunk(2)
+        (logits_c, logits_r), (tokens_c, tokens_r) = policy.logit_sums.chunk(2), policy.lengths.float().chunk(2)
         return {"rewards/chosen": reward_c.sum() / num_items, "rewards/rejected": reward_r.sum() / num_items,
                 "rewards/accuracies": (reward_c > reward_r).float().sum() / num_items,
                 "rewards/margins": (reward_c - reward_r).sum() / num_items,
-                "logps/chosen": policy_c.sum() / num_items, "logps/rejected": policy_r.sum() / num_items}
+                "logps/chosen": policy_c.sum() / num_items, "logps/rejected": policy_r.sum() / num_items,
+                "logits/chosen": logits_c.sum(), "logits/rejected": logits_r.sum(),
+                "tokens/chosen": tokens_c.sum(), "tokens/rejected": tokens_r.sum()}
+
+
+def token_means(totals: dict[str, float]) -> dict[str, float]:
+    """Window totals of `preference_metrics` with logits/* as means over the window's response tokens."""
+    totals = dict(totals)
+    for side in ("chosen", "rejected"):
+        tokens = totals.pop(f"tokens/{side}", None)
+        if tokens is not None:
+            totals[f"logits/{side}"] /= max(tokens, 1.0)
+    return totals
 
 
 class DPO(Strategy):
@@ -202,10 +234,11 @@ class DPO(Strategy):
         return batch["input_ids"].shape[0] // 2                 # pairs
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        policy_2B, lengths_2B = pair_logps(model, batch, self.share_prompt)
+        policy = pair_logps(model, batch, self.share_prompt)
+        policy_2B, lengths_2B = policy.logps, policy.lengths
         reference_2B = self.reference.logps(batch)
         loss_B = self.pair_loss(policy_2B, reference_2B)
-        metrics = preference_metrics(self.beta, policy_2B, reference_2B, num_items)
+        metrics = preference_metrics(self.beta, policy, reference_2B, num_items)
         if self.nll_weight > 0:
             policy_c, lengths_c = policy_2B.chunk(2)[0], lengths_2B.chunk(2)[0]
             nll_B = -policy_c / lengths_c.clamp(min=1)
@@ -221,4 +254,4 @@ class DPO(Strategy):
         return -(1 - eps) * F.logsigmoid(h_B) - eps * F.logsigmoid(-h_B)
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
-        return totals
+        return token_means(totals)

@@ -17,6 +17,13 @@ and the aggregation. The reference is a frozen copy of the starting policy (none
 kl_coef = 0), overwritten with the policy's weights at every step that is a positive multiple of
 `sync_interval`; it is not checkpointed, so resume is exact from a checkpoint at such a step.
 
+GSPO (Zheng et al. 2025, arXiv:2507.18071; `importance_sampling_level="sequence"`, TRL's option of
+that name) clips one ratio per completion, the exponential of its mean token log-ratio,
+s_i = exp(mean_t (logp - old_logp)), in place of the per-token ratios; every token of the completion
+then carries s_i (the GSPO paper clips it far tighter: clip_eps 3e-4, clip_eps_high 4e-4). In value
+the two levels agree while the ratio is 1 (a fresh rollout); they differ once a reused rollout
+(num_iterations > 1) has moved the policy.
+
 Dynamic sampling (DAPO, `filter_groups=True`): a group whose G rewards are all equal has zero
 advantage everywhere, so it adds only the KL term and dilutes the mean. With the option on, each
 training rollout keeps only the groups whose weighted reward varies before the loss (evaluation
@@ -25,12 +32,17 @@ oversampling knob (a micro-batch in which no group varies keeps its first group,
 gradient is the KL's). The reward metrics still describe every sampled completion; `kept_groups`
 is the fraction of groups the loss saw.
 
+Overlong filtering (DAPO, `mask_truncated_completions=True`; TRL's option of that name): a
+completion that reached `max_new_tokens` without EOS was cut, so its tokens carry no verdict on a
+finished answer; with the option on, its whole mask is zeroed in the loss (and in DAPO's token
+count), while the metrics still describe it. `truncated` logs the share of such completions.
+
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
 group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
 reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
 mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included),
 `clip_ratio` (fraction of completion tokens whose clipped term is active: ratio < 1 - clip_eps with
-A < 0, or > 1 + clip_eps_high with A > 0).
+A < 0, or > 1 + clip_eps_high with A > 0), `truncated` (share of completions without EOS).
 
 `share_prompt` (on by default) computes each group's prompt once, into a KV cache that the G
 completions then attend to, each also to itself only (llmtrain.strategies.rollout.
@@ -62,9 +74,16 @@ def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
 
 
 def clipped_objective(logp_BN: Tensor, old_logp_BN: Tensor, advantages_B: Tensor, clip_low: float,
-                      clip_high: float) -> tuple[Tensor, Tensor]:
-    """Per-token -min(ratio A, clip(ratio) A) and where the clipped term is the active one (SPECS 4.4.2)."""
-    ratio_BN, A_B1 = torch.exp(logp_BN - old_logp_BN), advantages_B[:, None]
+                      clip_high: float, sequence_mask_BN: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token -min(ratio A, clip(ratio) A) and where the clipped term is the active one (SPECS 4.4.2).
+
+    With `sequence_mask_BN` (GSPO) the ratio is one per row, exp of the masked mean of the token
+    log-ratios, broadcast to the row's tokens; the two outputs are then (B, 1)."""
+    log_ratio_BN, A_B1 = logp_BN - old_logp_BN, advantages_B[:, None]
+    if sequence_mask_BN is not None:
+        log_ratio_BN = ((log_ratio_BN * sequence_mask_BN).sum(-1, keepdim=True)
+                        / sequence_mask_BN.sum(-1, keepdim=True).clamp(min=1))
+    ratio_BN = torch.exp(log_ratio_BN)
     loss_BN = -torch.min(ratio_BN * A_B1, ratio_BN.clamp(1 - clip_low, 1 + clip_high) * A_B1)
     clipped_BN = ((ratio_BN < 1 - clip_low) & (A_B1 < 0)) | ((ratio_BN > 1 + clip_high) & (A_B1 > 0))
     return loss_BN, clipped_BN
@@ -89,6 +108,9 @@ class GRPO(Strategy):
         sync_interval: steps between hard copies policy -> reference (None: never).
         num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
         filter_groups: DAPO's dynamic sampling without refill: train only on groups whose reward varies.
+        mask_truncated_completions: DAPO's overlong filtering: completions without EOS take no part in
+            the loss.
+        importance_sampling_level: "token" (GRPO) or "sequence" (GSPO: one clipped ratio per completion).
         share_prompt: compute each group's prompt once (rollout.shared_prompt_logits; the same
             log-probs, fewer tokens in every matmul).
         seed: base of the sampling seeds.
@@ -99,16 +121,21 @@ class GRPO(Strategy):
     def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
                  group_size: int = 4, max_new_tokens: int = 16, temperature: float = 1.0, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, kl_coef: float = 0.01, sync_interval: int | None = 200,
-                 num_iterations: int = 1, filter_groups: bool = False, share_prompt: bool = True,
-                 seed: int = 0) -> None:
+                 num_iterations: int = 1, filter_groups: bool = False, mask_truncated_completions: bool = False,
+                 importance_sampling_level: str = "token", share_prompt: bool = True, seed: int = 0) -> None:
         clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         self.names = [reward_name(fn) for fn in rewards]
         weights = [1.0] * len(self.names) if reward_weights is None else [float(w) for w in reward_weights]
         _validate(self.names, weights, group_size, max_new_tokens, temperature, clip_eps, clip_eps_high, kl_coef,
                   sync_interval, num_iterations)
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"strategy.importance_sampling_level={importance_sampling_level!r} must be "
+                             "'token' (GRPO) or 'sequence' (GSPO)")
+        self.sequence_level = importance_sampling_level == "sequence"
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
         self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
+        self.mask_truncated = mask_truncated_completions
         self.scored_group = group_size if share_prompt else 1        # rows per forward row in completion_logps
         self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
         self.reference = FrozenReference(share_prompt=False) if kl_coef > 0 else None
@@ -145,6 +172,13 @@ class GRPO(Strategy):
     def num_items(self, batch: dict[str, Tensor]) -> int:
         return batch["completion_mask"].shape[0]                 # completions
 
+    def loss_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """(BG, N) float: the completion mask, zeroed on truncated completions with mask_truncated_completions."""
+        mask_BN = batch["completion_mask"].float()
+        if self.mask_truncated and "truncated" in batch:
+            mask_BN = mask_BN * ~batch["truncated"][:, None]
+        return mask_BN
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
         mask_BN = batch["completion_mask"].float()
         logp_BN = completion_logps(model, batch, self.temperature, self.scored_group)
@@ -152,14 +186,17 @@ class GRPO(Strategy):
         weights_K = self.weights_K.to(mask_BN.device)
         reward_B = batch["rewards"] @ weights_K
         advantages_B = self.advantages(reward_B.view(-1, self.group_size)).flatten()
+        loss_mask_BN = self.loss_mask(batch)
         per_token_BN, clipped_BN = clipped_objective(logp_BN, old_logp_BN, advantages_B, self.clip_low,
-                                                     self.clip_high)
+                                                     self.clip_high, loss_mask_BN if self.sequence_level else None)
         sampled_BK = batch.get("sampled_rewards", batch["rewards"])      # all sampled groups, filtered or not
         sampled_B = sampled_BK @ weights_K
         metrics = {"reward": sampled_B.sum(), "reward_std": sampled_B.view(-1, self.group_size).std(-1).sum(),
                    **{f"rewards/{n}": r.sum() for n, r in zip(self.names, sampled_BK.unbind(-1))},
                    "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
                    "sampled": mask_BN.new_tensor(len(sampled_B)), "completion_tokens": mask_BN.sum()}
+        if "truncated" in batch:
+            metrics["truncated"] = batch["truncated"].float().sum()
         if "thinking_mask" in batch:
             metrics["thinking_fraction"] = (batch["thinking_mask"] * mask_BN).sum()
         if self.reference is not None:
@@ -172,7 +209,7 @@ class GRPO(Strategy):
             kl_BN = k3(logp_BN, ref_logp_BN)
             per_token_BN = per_token_BN + self.kl_coef * kl_BN
             metrics["kl"] = (kl_BN.detach() * mask_BN).sum()
-        return self.aggregate(per_token_BN, mask_BN, num_items), metrics
+        return self.aggregate(per_token_BN, loss_mask_BN, num_items), metrics
 
     def advantages(self, rewards_BG: Tensor) -> Tensor:
         return group_advantages(rewards_BG)
@@ -188,6 +225,8 @@ class GRPO(Strategy):
         per_sample = {k: v / sampled for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
         per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio", "thinking_fraction") if k in totals}
         kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
+        if "truncated" in totals:
+            totals["truncated"] /= completions
         return {**totals, **per_sample, **per_token, **kept, "completion_length": tokens / completions,
                 "reward_std": totals["reward_std"] / (sampled / self.group_size)}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from llmtrain.strategies.base import Strategy
-from llmtrain.strategies.dpo import FrozenReference, pair_logps, preference_metrics
+from llmtrain.strategies.dpo import FrozenReference, pair_logps, preference_metrics, token_means
 
 
 class IPO(Strategy):
@@ -40,10 +40,10 @@ class IPO(Strategy):
         return batch["input_ids"].shape[0] // 2
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], num_items: int) -> tuple[Tensor, dict[str, Tensor]]:
-        policy_2B, lengths_2B = pair_logps(model, batch, self.share_prompt)
+        policy = pair_logps(model, batch, self.share_prompt)
         reference_2B = self.reference.logps(batch)
-        loss_B = self.pair_loss(policy_2B, reference_2B, lengths_2B)
-        return loss_B.sum() / num_items, preference_metrics(self.beta, policy_2B, reference_2B, num_items)
+        loss_B = self.pair_loss(policy.logps, reference_2B, policy.lengths)
+        return loss_B.sum() / num_items, preference_metrics(self.beta, policy, reference_2B, num_items)
 
     def pair_loss(self, policy_2B: Tensor, reference_2B: Tensor, lengths_2B: Tensor) -> Tensor:
         """Per-pair loss from summed log-probs and response lengths (chosen rows first, then rejected)."""
@@ -51,4 +51,4 @@ class IPO(Strategy):
         return (mean_ratio_c - mean_ratio_r - 1 / (2 * self.beta)) ** 2
 
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
-        return totals
+        return token_means(totals)

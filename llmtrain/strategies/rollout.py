@@ -8,6 +8,7 @@ it into the batch the GRPO loss consumes, with B·G rows (the G copies of a prom
     input_ids       (BG, P + N)  left-padded prompt, then the completion (pad after its EOS)
     attention_mask  (BG, P + N)  0 on the prompt's left padding, 1 elsewhere (as in generation)
     completion_mask (BG, N)      1 up to and including the first EOS
+    truncated       (BG,)        True for a completion without EOS (cut at max_new_tokens)
     rewards         (BG, K)      the raw reward of each of the K reward functions
     old_logp        (BG, N)      the sampled tokens' log-probs at generation time (reused batches only)
     thinking_latents (BG, N, D)  HRPO only (a model with a `thinking` module): what each completion
@@ -207,7 +208,8 @@ class Rollouts:
                        for row, n in zip(out.tokens_BN.tolist(), mask_BN.sum(-1).tolist())]
         rollout = {"input_ids": torch.cat([out.prompt_ids_BP, out.tokens_BN], 1),
                    "attention_mask": torch.cat([out.prompt_mask_BP, torch.ones_like(out.tokens_BN)], 1),
-                   "completion_mask": mask_BN, "old_logp": out.logprobs_BN * mask_BN,
+                   "completion_mask": mask_BN, "truncated": ~(out.tokens_BN == self.tokenizer.eos_id).any(-1),
+                   "old_logp": out.logprobs_BN * mask_BN,
                    "rewards": self.score(prompts, answers, completions).to(mask_BN.device)}
         if out.latents_BND is not None:
             rollout |= {"thinking_latents": out.latents_BND, "thinking_mask": out.thinking_BN & mask_BN.bool()}

@@ -14,7 +14,7 @@ from llmtrain.data.tokenizer import ByteTokenizer
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
-from llmtrain.strategies.dpo import DPO, preference_metrics, response_logps
+from llmtrain.strategies.dpo import DPO, ResponseScores, preference_metrics, response_logps, token_means
 from llmtrain.strategies.ipo import IPO
 
 
@@ -46,12 +46,15 @@ def test_dpo_loss_and_metrics_equal_the_formula_on_hand_made_logprobs(eps):
         sig = 1 / (1 + math.exp(-beta * float(h)))
         expected = -(1 - eps) * math.log(sig) - eps * math.log(1 - sig)
         assert float(losses[pair]) == pytest.approx(expected, abs=1e-6)
-    metrics = {k: float(v) for k, v in preference_metrics(beta, POLICY, REFERENCE, num_items=2).items()}
+    policy = ResponseScores(POLICY, torch.tensor([2, 4, 5, 1]), torch.tensor([1.0, 2.0, -3.0, 4.0]))
+    metrics = token_means({k: float(v) for k, v in preference_metrics(beta, policy, REFERENCE, num_items=2).items()})
     assert metrics["rewards/chosen"] == pytest.approx(beta * (1.0 + -1.0) / 2)
     assert metrics["rewards/rejected"] == pytest.approx(beta * (-0.5 + 1.5) / 2)
     assert metrics["rewards/margins"] == pytest.approx(beta * (1.5 + -2.5) / 2)
     assert metrics["rewards/accuracies"] == pytest.approx(0.5)       # pair 0 right, pair 1 wrong
     assert metrics["logps/chosen"] == pytest.approx(-15.0) and metrics["logps/rejected"] == pytest.approx(-15.0)
+    assert metrics["logits/chosen"] == pytest.approx(3.0 / 6) and metrics["logits/rejected"] == pytest.approx(1.0 / 6)
+    assert not any(k.startswith("tokens/") for k in metrics)          # the counts only serve the means
 
 
 def test_ipo_loss_uses_length_averaged_logprobs():
@@ -68,13 +71,14 @@ def test_response_logps_sum_exactly_the_labelled_tokens():
     model = tiny_model().eval()
     batch = next(preference_data().train_batches(0))
     with torch.no_grad():
-        logps, lengths = response_logps(model, batch)
+        logps, lengths, logit_sums = response_logps(model, batch)
         logits = model(batch["input_ids"])
     for row in range(len(logps)):
         targets = [t for t in range(1, batch["labels"].shape[1]) if batch["labels"][row, t] != -100]
         expected = sum(float(F.log_softmax(logits[row, t - 1], -1)[batch["input_ids"][row, t]]) for t in targets)
         assert float(logps[row]) == pytest.approx(expected, abs=1e-4)
         assert int(lengths[row]) == len(targets) > 0
+        assert float(logit_sums[row]) == pytest.approx(sum(float(logits[row, t - 1].mean()) for t in targets), abs=1e-4)
 
 
 @pytest.mark.parametrize("strategy", [DPO(beta=0.1), DPO(beta=0.1, label_smoothing=0.1), IPO(beta=0.1)],
@@ -130,12 +134,12 @@ def test_duplicating_a_response_token_changes_h_by_its_logprob():
     """DPO sums (not averages) response log-probs: one more target token adds exactly its log-prob."""
     model, data = tiny_model().requires_grad_(False), preference_data()
     batch = next(data.train_batches(0))
-    logps, _ = response_logps(model, batch)
+    logps = response_logps(model, batch).logps
     shorter = {k: v.clone() for k, v in batch.items()}
     row = 0
     last = int((shorter["labels"][row] != -100).nonzero().max())
     shorter["labels"][row, last] = -100                    # drop the last response token from the sum
-    logps_short, _ = response_logps(model, shorter)
+    logps_short = response_logps(model, shorter).logps
     logits = model(batch["input_ids"])
     token_logp = float(F.log_softmax(logits[row, last - 1], -1)[batch["input_ids"][row, last]])
     assert float(logps[row] - logps_short[row]) == pytest.approx(token_logp, abs=1e-5)
@@ -157,7 +161,7 @@ def test_nll_weight_adds_the_chosen_answers_mean_token_nll():
     with torch.no_grad():
         loss_plain, _ = plain.loss(model, batch, 4)
         loss_rpo, metrics = rpo.loss(model, batch, 4)
-        logps, lengths = response_logps(model, batch)
+        logps, lengths, _ = response_logps(model, batch)
     nll = float((-logps[:4] / lengths[:4]).mean())
     assert float(metrics["nll/chosen"]) == pytest.approx(nll, abs=1e-5)
     assert float(loss_rpo - loss_plain) == pytest.approx(0.5 * nll, abs=1e-5)
@@ -181,11 +185,12 @@ def test_a_shared_prompt_row_gives_the_two_row_logprobs_and_gradients(tmp_path):
     data.setup("preference")
     batch = next(data.train_batches(0))
     model = tiny_model()
-    two_rows, lengths = response_logps(model, batch)
+    two_rows, lengths, two_row_logits = response_logps(model, batch)
     grads = torch.autograd.grad(two_rows.sum(), list(model.parameters()))
-    one_row, shared_lengths = shared_prompt_logps(model, batch)
+    one_row, shared_lengths, one_row_logits = shared_prompt_logps(model, batch)
     shared_grads = torch.autograd.grad(one_row.sum(), list(model.parameters()))
     torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_row_logits, two_row_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(lengths, shared_lengths)
     for a, b in zip(shared_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -217,8 +222,8 @@ def test_an_empty_prompt_gives_the_two_row_logprobs(rejected_first):
     batch = {"input_ids": ids, "labels": labels}
     model = tiny_model().eval()
     with torch.no_grad():
-        two_rows, lengths = response_logps(model, batch)
-        one_row, shared_lengths = shared_prompt_logps(model, batch)
+        two_rows, lengths, two_row_logits = response_logps(model, batch)
+        one_row, shared_lengths, one_row_logits = shared_prompt_logps(model, batch)
     torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == shared_lengths.tolist() == [len(row) - 1 for row in rows]
 

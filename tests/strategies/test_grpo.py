@@ -15,6 +15,7 @@ from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.thinking import ProjectedThinkingResidual, ThinkingResidual
 from llmtrain.models.transformer import Transformer
+from llmtrain.strategies.bnpo import BNPO
 from llmtrain.strategies.dapo import DAPO
 from llmtrain.strategies.dr_grpo import DrGRPO
 from llmtrain.strategies.grpo import GRPO, clipped_objective, group_advantages, k3
@@ -77,7 +78,8 @@ def test_group_advantages_on_the_specs_fixture():
 
 @pytest.mark.parametrize("options, match", [({"group_size": 1}, "group_size=1"), ({"temperature": 0}, "temperature"),
                                             ({"reward_weights": [1, 2]}, "reward_weights"),
-                                            ({"sync_interval": 0}, "sync_interval")])
+                                            ({"sync_interval": 0}, "sync_interval"),
+                                            ({"importance_sampling_level": "seq"}, "importance_sampling_level")])
 def test_bad_values_are_refused_at_construction(options, match):
     with pytest.raises(ValueError, match=match):
         GRPO(rewards=[Accuracy()], **options)
@@ -128,6 +130,41 @@ def test_loss_and_clip_ratio_equal_the_formula_on_hand_made_logprobs():
     assert metrics["completion_length"] == pytest.approx(tokens / B)
     assert metrics["reward"] == pytest.approx(1.0) and metrics["rewards/accuracy"] == pytest.approx(1.0)
     assert metrics["reward_std"] == pytest.approx((2 ** 0.5 / 2 + 4.5 ** 0.5) / 2)    # mean of the 2 group stds
+
+
+def test_sequence_level_importance_sampling_clips_one_ratio_per_completion():
+    torch.manual_seed(0)
+    B, P, N, V = 4, 2, 3, 5
+    model = FixedLogits(torch.randn(B, P + N - 1, V))
+    ids = torch.randint(0, V, (B, P + N))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, P + N, dtype=torch.long),
+             "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]),
+             "rewards": torch.tensor([[1.0], [0.0], [0.0], [3.0]])}
+    batch["old_logp"] = (model.logits_BTV.detach()[:, P - 1:].log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
+                         + torch.tensor([[0.3, -0.2, 0.1], [0.05, 0.0, 9.0], [0.5, 9.0, 9.0], [0.0, 0.01, -0.02]]))
+    gspo = GRPO(rewards=[Accuracy()], group_size=2, kl_coef=0.0, share_prompt=False, importance_sampling_level="sequence")
+    loss, parts = gspo.loss(model, batch, num_items=B)
+    advantages = [1 / (2 ** 0.5 + 1e-4), -1 / (2 ** 0.5 + 1e-4), -1.5 / (4.5 ** 0.5 + 1e-4), 1.5 / (4.5 ** 0.5 + 1e-4)]
+    total, clipped = 0.0, 0
+    for b in range(B):
+        n = int(batch["completion_mask"][b].sum())
+        logps = model.logits_BTV.detach()[b, P - 1:P - 1 + n].log_softmax(-1).gather(-1, ids[b, P:P + n, None])[:, 0]
+        ratio, A = float((logps - batch["old_logp"][b, :n]).mean().exp()), advantages[b]   # one per completion
+        total += -min(ratio * A, min(max(ratio, 0.8), 1.2) * A)
+        clipped += n * ((ratio < 0.8 and A < 0) or (ratio > 1.2 and A > 0))
+    assert float(loss.detach()) == pytest.approx(total / B, abs=1e-6)
+    assert float(parts["clip_ratio"]) == clipped > 0                     # row 2: ratio exp(-0.5) < 0.8 with A < 0
+    token = GRPO(rewards=[Accuracy()], group_size=2, kl_coef=0.0, share_prompt=False)
+    assert float(token.loss(model, batch, num_items=B)[0].detach()) != pytest.approx(total / B, abs=1e-3)
+
+
+@pytest.mark.parametrize("cls", [GRPO, DAPO, DrGRPO, BNPO])
+def test_on_a_fresh_rollout_sequence_and_token_level_ratios_give_the_same_step(cls):
+    model, batch = tiny_model(), {k: v for k, v in hand_made_batch().items() if k != "old_logp"}   # ratio 1
+    want = gradients(grpo(cls, kl_coef=0.1), model, [batch])
+    got = gradients(grpo(cls, kl_coef=0.1, importance_sampling_level="sequence"), model, [batch])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
 
 
 def test_tokens_after_eos_cannot_make_the_loss_or_its_gradient_nan():
@@ -325,6 +362,18 @@ def test_a_window_of_two_micro_batches_has_the_gradient_of_one_big_batch(cls):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
 
 
+def test_a_bnpo_window_averages_the_token_means_of_its_micro_batches():
+    model, strategy = tiny_model(), grpo(BNPO, kl_coef=0.1)
+    big = hand_made_batch()
+    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+    alone = [gradients(strategy, model, [half]) for half in halves]
+    got = gradients(strategy, model, halves)
+    for name in got:
+        torch.testing.assert_close(got[name], (alone[0][name] + alone[1][name]) / 2, atol=1e-6, rtol=1e-5)
+    dapo = gradients(grpo(DAPO, kl_coef=0.1, clip_eps_high=0.2), model, halves)   # the window's token mean
+    assert any(not torch.allclose(got[n], dapo[n], atol=1e-6) for n in got)       # uneven halves: 15 vs 13 tokens
+
+
 def test_filter_groups_trains_only_on_varied_groups_and_reports_every_sampled_one():
     model, strategy = tiny_model(), grpo(kl_coef=0.1, filter_groups=True)
     big = hand_made_batch()
@@ -344,6 +393,54 @@ def test_filter_groups_trains_only_on_varied_groups_and_reports_every_sampled_on
     assert torch.equal(strategy.keep_varied_groups(big)["input_ids"], big["input_ids"][:4])
 
 
+@pytest.mark.parametrize("cls", [GRPO, DAPO, DrGRPO, BNPO])
+def test_mask_truncated_completions_leaves_them_out_of_the_loss_but_not_out_of_the_metrics(cls):
+    model, batch = tiny_model(), hand_made_batch()
+    batch["truncated"] = batch["completion_mask"].all(-1)      # rows 0 and 5 ran to max_new_tokens
+    cut = {k: v for k, v in batch.items() if k != "truncated"}
+    cut["completion_mask"] = batch["completion_mask"] * ~batch["truncated"][:, None]
+
+    def strategy(**options):
+        made = grpo(cls, kl_coef=0.1, **options)
+        with torch.no_grad():
+            made.reference.model.norm.weight.mul_(1.5)         # KL > 0 contributes to the gradient
+        return made
+
+    masking, plain = strategy(mask_truncated_completions=True), strategy()
+    want, got = gradients(plain, model, [cut]), gradients(masking, model, [batch])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    unmasked = gradients(plain, model, [batch])
+    assert any(not torch.allclose(unmasked[n], want[n], atol=1e-6) for n in want)   # the option changes the step
+    assert masking.num_items(batch) == plain.num_items(cut)
+    loss, parts = masking.loss(model, batch, masking.num_items(batch))
+    metrics = masking.summarize({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
+    assert metrics["truncated"] == 0.25
+    assert metrics["completion_length"] == pytest.approx(float(batch["completion_mask"].sum()) / 8)
+
+
+def test_a_window_of_truncated_completions_only_gives_a_zero_dapo_loss():
+    model, batch = tiny_model(), hand_made_batch()
+    batch["truncated"] = torch.ones(len(batch["completion_mask"]), dtype=torch.bool)
+    strategy = grpo(DAPO, mask_truncated_completions=True)
+    assert strategy.num_items(batch) == 0
+    loss, _ = strategy.loss(model, batch, strategy.num_items(batch))
+    assert float(loss.detach()) == 0.0
+
+
+def test_rollouts_mark_the_completions_that_end_without_eos():
+    strategy, model = grpo(max_new_tokens=4), tiny_model()
+    batch = next(prompts_data(batch_size=4).train_batches(0))
+    first = copy.deepcopy(strategy).prepare(model, batch, step=0)["input_ids"][0, -4]   # row 0's first token
+    strategy.rollouts.tokenizer = SimpleNamespace(**{k: getattr(TOKENIZER, k) for k in (
+        "pad_id", "bos_id", "vocab_size", "decode")}, eos_id=int(first))     # as EOS: row 0 ends at once
+    rollout = strategy.prepare(model, batch, step=0)                        # the same draws
+    completions = rollout["input_ids"][:, -rollout["completion_mask"].shape[1]:]
+    assert torch.equal(rollout["truncated"], ~(completions == first).any(-1)) and not rollout["truncated"][0]
+    assert rollout["truncated"].any() and not rollout["truncated"].all()
+    assert bool(rollout["completion_mask"][rollout["truncated"]].all())          # they ran to max_new_tokens
+
+
 def test_filter_groups_leaves_evaluation_rollouts_whole():
     strategy, model = grpo(filter_groups=True, kl_coef=0.0), tiny_model()
     batch = next(prompts_data(batch_size=4).train_batches(0))
@@ -360,8 +457,9 @@ def test_each_variant_aggregates_by_its_formula():
     assert float(GRPO(**options).aggregate(per_token, mask, 2)) == pytest.approx((1.5 + 5.0) / 2)
     assert float(DAPO(**options).aggregate(per_token, mask, 5)) == pytest.approx(18.0 / 5)
     assert float(DrGRPO(**options).aggregate(per_token, mask, 2)) == pytest.approx(18.0 / (2 * 3))
+    assert float(BNPO(**options).aggregate(per_token, mask, 2)) == pytest.approx(18.0 / 5 / 2)   # 2 micro-batches
     batch = {"completion_mask": mask}
-    assert (GRPO(**options).num_items(batch), DAPO(**options).num_items(batch)) == (2, 5)
+    assert [cls(**options).num_items(batch) for cls in (GRPO, DAPO, BNPO)] == [2, 5, 1]
     assert DAPO(**options).clip_high == 0.28 and GRPO(**options).clip_high == 0.2
 
 
@@ -369,7 +467,7 @@ def digit_share(prompts: list[str], completions: list[str], answers: list[str]) 
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-@pytest.mark.parametrize("cls", [GRPO, DAPO, DrGRPO])
+@pytest.mark.parametrize("cls", [GRPO, DAPO, DrGRPO, BNPO])
 def test_training_raises_a_reward_the_policy_can_reach(cls):
     from llmtrain.callbacks.history import History
     from llmtrain.hardware import Hardware
@@ -472,3 +570,12 @@ def test_a_completion_id_past_the_tokenizer_is_dropped_from_the_reward_text():
     tok = ByteTokenizer()
     ids = [*tok.encode("4"), tok.vocab_size + 3, *tok.encode("2"), tok.eos_id]
     assert completion_text(tok, ids) == "42"
+@pytest.mark.parametrize("preset, cls, kl_coef", [("bnpo", BNPO, 0.01), ("r1v", GRPO, 0.04), ("dr_grpo", DrGRPO, 0.01)])
+def test_each_preset_builds_its_class_with_its_kl(preset, cls, kl_coef, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    strategy = instantiate(compose_cfg(f"strategy={preset}", f"paths.output_dir={tmp_path}").strategy)
+    assert type(strategy) is cls and strategy.kl_coef == kl_coef and strategy.reference is not None
+    assert strategy.clip_low == strategy.clip_high == 0.2 and not strategy.sequence_level
