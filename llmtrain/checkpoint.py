@@ -4,7 +4,8 @@ Layout of `checkpoints/step_000200/`:
 
     meta.json           format version, step, epoch, iteration, config hash (written last)
     model.safetensors   weights (a tied matrix is stored once)
-    resume.pt           optimizer, scheduler, RNG and trainer state; loads with weights_only=True
+    resume.pt           optimizer, scheduler, RNG, trainer and (fp16) loss-scaler state; loads with weights_only=True
+    strategy.safetensors  only where the strategy keeps state (GRPO's synced reference and buffered rollouts)
     config.yaml         the resolved run config
 
 Every checkpoint is written into a hidden temporary folder that is renamed into place, and then
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llmtrain.hardware import rng_state, set_rng_state
@@ -140,6 +141,11 @@ def gather_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     weights = unique_tensors(trainer.model, hardware.model_state_dict(trainer.model))
     state = {"optimizer": hardware.optimizer_state_dict(trainer.model, trainer.optimizer),
              "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "trainer": trainer.state_dict()}
+    if hardware.scaler is not None:
+        state["scaler"] = hardware.scaler.state_dict()
+    strategy_state = getattr(trainer.strategy, "state_dict", dict)()
+    if strategy_state:
+        state["strategy"] = strategy_state              # its own file (see _write_files)
     return weights, state
 
 
@@ -150,7 +156,11 @@ def _write_files(tmp: Path, trainer: Any, weights: dict[str, Tensor], state: dic
             "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     _write(tmp / "model.safetensors",
            lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
+    state = dict(state)
+    strategy_state = state.pop("strategy", None)
     _write(tmp / "resume.pt", lambda path: _torch_save(state, path))
+    if strategy_state:
+        _write(tmp / "strategy.safetensors", lambda path: save_file(strategy_state, str(path)))
     _write(tmp / "config.yaml", lambda path: path.write_text(config_yaml))
     _write(tmp / "meta.json", lambda path: path.write_text(json.dumps(meta, indent=2)))     # last
 
@@ -240,10 +250,21 @@ def _point_latest(root: Path, name: str) -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step folders (never the one `latest` names)."""
+    """Delete all but the newest `keep_last` step folders (never the one `latest` names).
+
+    Folders moved aside by a resume from an older checkpoint (`step_N.replaced_<time>`, the steps
+    of the abandoned continuation) are kept too, but bounded the same way: at most the `keep_last`
+    newest of them, and none older than the oldest step folder kept, so disk use stays within
+    2 x keep_last checkpoints however often a run is resumed from the past.
+    """
     latest = (root / "latest").resolve()
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-    for old in steps[:-keep_last]:
+    aside_step = {p: int(m.group(1)) for p in root.glob("step_*.replaced_*")
+                  if p.is_dir() and (m := re.fullmatch(r"step_(\d+)\.replaced_.+", p.name))}
+    asides = sorted(aside_step, key=lambda p: (aside_step[p], p.name))
+    oldest_kept = int(steps[-keep_last].name[5:]) if len(steps) >= keep_last else 0
+    doomed = steps[:-keep_last] + asides[:-keep_last] + [p for p in asides[-keep_last:] if aside_step[p] < oldest_kept]
+    for old in doomed:
         if old.resolve() != latest:
             shutil.rmtree(old)
 
@@ -265,5 +286,10 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     trainer.hardware.load_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.load_state_dict(state["trainer"])
+    if "scaler" in state and trainer.hardware.scaler is not None:
+        trainer.hardware.scaler.load_state_dict(state["scaler"])
+    if hasattr(trainer.strategy, "load_state_dict"):
+        strategy_file = path / "strategy.safetensors"
+        trainer.strategy.load_state_dict(load_file(str(strategy_file)) if strategy_file.exists() else {})
     set_rng_state(state["rng"])
     return meta

@@ -41,6 +41,10 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     Resuming from the snapshot, not from today's conf/ files, is what makes resume exact. Its paths
     inside the run directory it was written in are moved to the directory resumed now, so that a
     copied or moved run directory goes on in place instead of writing into the original.
+
+    An override of the optimizer (optimizer.lr, weight_decay, betas, groups...) that changes its
+    value is refused: the checkpoint's optimizer and scheduler state would restore the old values
+    anyway, while the new run's config.yaml recorded the new ones.
     """
     saved = OmegaConf.create((checkpoint / "config.yaml").read_text())
     saved = relocate(saved, str(saved.paths.output_dir), str(cfg.paths.output_dir))
@@ -48,6 +52,11 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
         key = override.lstrip("+~").split("=", 1)[0]
         if key in ("resume", "paths.output_dir") or key.startswith("hydra."):
             continue
+        if key.split(".")[0] == "optimizer" and not _same(OmegaConf.select(saved, key), OmegaConf.select(cfg, key)):
+            raise ValueError(
+                f"{override}: a resumed run keeps the optimizer state of {checkpoint} (its learning rates, "
+                f"weight decay and moments), so this override would not apply; resume without it, or start a "
+                f"new run from these weights with model.init_from={checkpoint} {override}")
         if override.startswith("~"):
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(saved, parent) if parent else saved
@@ -57,6 +66,12 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     saved.resume, saved.paths.output_dir = cfg.resume, cfg.paths.output_dir
     return saved
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal config values, whether plain or OmegaConf nodes (an override may restate the saved value)."""
+    plain = [OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (a, b)]
+    return plain[0] == plain[1]
 
 
 def claim_run_dir(output_dir: Path) -> None:

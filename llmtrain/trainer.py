@@ -149,7 +149,8 @@ class Trainer:
         if max_nonfinite_steps < 1:
             raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
         self.model, self.strategy, self.data = model, strategy, data
-        self.optimizer, self.hardware, self.callbacks = optimizer, hardware, list(callbacks)
+        self.optimizer, self.hardware = optimizer, hardware
+        self.callbacks = sorted(callbacks, key=lambda c: getattr(c, "runs_last", False))   # stable: config order
         self.accumulation_steps = accumulation_steps
         self.total_steps = plan_steps(max_steps, epochs, data.num_batches(), accumulation_steps)
         self.scheduler = scheduler(optimizer, total_steps=self.total_steps)

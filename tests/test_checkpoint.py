@@ -78,6 +78,26 @@ def test_keep_last_prunes_old_steps_but_never_latest(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000004"]
 
 
+def test_keep_last_also_bounds_the_folders_moved_aside_by_resumes_from_the_past(tmp_path):
+    trainer = trained(1)
+    for timeline in range(3):                  # the run, then two resumes from step 2 that redo 4 and 6
+        for step in (2, 4, 6) if timeline == 0 else (4, 6):
+            trainer.step = step
+            save_checkpoint(tmp_path, trainer, f"timeline {timeline}")
+            prune(tmp_path, keep_last=2)
+            time.sleep(1.01 if step == 6 else 0)   # the aside's name carries the second it was moved
+    names = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert [n for n in names if "replaced" not in n] == ["step_000004", "step_000006"]
+    asides = sorted(tmp_path.glob("step_*.replaced_*"), key=lambda p: p.name)   # 4 asides made, the newest 2 kept
+    assert [p.name[:11] for p in asides] == ["step_000006"] * 2
+    assert [(p / "config.yaml").read_text() for p in asides] == ["timeline 0", "timeline 1"]
+    for step in (8, 10):                        # then 8 and 10 are kept: the asides of step 6 are older
+        trainer.step = step
+        save_checkpoint(tmp_path, trainer, "timeline 2")
+        prune(tmp_path, keep_last=2)
+    assert len(list(tmp_path.glob("step_*.replaced_*"))) == (0 if step == 10 else 2)
+
+
 def test_an_existing_step_folder_is_moved_aside_not_overwritten(tmp_path):
     trainer = trained(1)
     save_checkpoint(tmp_path, trainer, "first")
@@ -234,6 +254,8 @@ def test_a_failure_at_any_step_of_a_replacement_puts_the_folder_and_latest_back(
 
 
 class ListDir(Callback):
+    runs_last = True              # after the checkpoint callback, listed before it: sees its save
+
     def __init__(self, root: pathlib.Path) -> None:
         self.root, self.seen = root, []
 

@@ -125,3 +125,29 @@ def test_grpo_trains_under_two_ranks(engine, thinking, tmp_path):
     assert result.returncode == 0, result.stderr
     train = [row for row in rows(tmp_path) if "loss" in row and "reward" in row]
     assert len(train) == 3 and all(row["loss"] == row["loss"] for row in train)    # three finite steps
+
+
+def test_grpo_resumes_mid_cycle_under_two_ranks_with_each_ranks_buffered_rollouts(tmp_path):
+    """With num_iterations=2 step 3 reuses the rollouts of step 2, which differ by rank (each rank samples
+    its own prompts); a checkpoint at step 3 holds both ranks' (gathered), and each takes back its own."""
+    from safetensors.torch import load_file
+
+    common = ["strategy=grpo", "debug=smoke", "data.n_eval=8", "data.accuracy_examples=0", "hardware=ddp",
+              "hardware.nprocs=2", "scheduler=constant", "strategy.num_iterations=2", "strategy.sync_interval=2",
+              "strategy.rewards=[{_target_:tests.strategies.test_grpo.distinct_chars,_partial_:true}]",   # varies
+              "callbacks.checkpoint.every_steps=1", "callbacks.checkpoint.keep_last=9", "~callbacks.progress"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for args in ([f"hydra.run.dir={straight}", "trainer.max_steps=5"], [f"hydra.run.dir={split}", "trainer.max_steps=3"],
+                 [f"hydra.run.dir={split}", "trainer.max_steps=5", f"resume={split}"]):
+        result = run_cli(*common, *args)
+        assert result.returncode == 0, result.stderr
+    kept = load_file(split / "checkpoints/step_000003/strategy.safetensors")
+    assert {k.split("/")[1] for k in kept if k.startswith("buffer/")} == {"0", "1"}
+    def training(run: Path) -> list[dict]:       # the first split run also evaluated at its end (step 3)
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s") and not k.startswith("eval/")}
+                for r in rows(run)]
+
+    assert training(straight) == training(split) and len(training(split)) == 5
+    assert all(row["grad_norm"] > 0 for row in training(split)) and training(split)[3]["kl"] > 0   # row 4: the reference of step 2, from the checkpoint
+    a, b = (load_file(run / "checkpoints/latest/model.safetensors") for run in (straight, split))
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -24,6 +24,8 @@ class Checkpoint(Callback):
     final state unsaved; a save on a stop only logs, as the run is already ending with an error.
     """
 
+    runs_last = True       # after the metrics and samples of the step it saves (llmtrain.callbacks.base)
+
     def __init__(self, dirpath: str, every_steps: int = 1000, keep_last: int = 2) -> None:
         if every_steps < 1 or keep_last < 1:
             raise ValueError(f"callbacks.checkpoint: every_steps={every_steps} and keep_last={keep_last} "

@@ -42,5 +42,14 @@ class Strategy(Protocol):
         window's mean; `summarize` then derives the reported metrics from those sums.
         """
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors a checkpoint must keep for an exact resume beyond the model and optimizer (GRPO's
+        synced reference and buffered rollouts), saved as strategy.safetensors; every rank calls it
+        (it may gather). Most strategies rebuild everything in `setup` and keep nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what `state_dict` returned, after `setup`; {} for a checkpoint that holds none."""
+
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """Reported metrics from the window sums (e.g. ppl = exp(mean nll))."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from llmtrain.checkpoint import tied_names, unique_tensors
 from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.seq import IGNORE_INDEX, real_tokens, shift_labels
 
@@ -166,6 +167,16 @@ class FrozenReference:
             raise RuntimeError("the reference is not set up (or was released after precomputing)")
         policy = getattr(policy, "module", policy)
         self.model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The reference's weights, a tied matrix once (as in model.safetensors)."""
+        return unique_tensors(self.model)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - tied_names(self.model):
+            raise ValueError(f"the checkpoint's reference weights do not fit the reference model: missing "
+                             f"{sorted(set(missing) - tied_names(self.model))}, unexpected {sorted(unexpected)}")
 
     def logps(self, batch: dict[str, Tensor]) -> Tensor:
         if "ref_logps" in batch:

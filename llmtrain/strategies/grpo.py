@@ -15,7 +15,9 @@ log-probs stored at generation time. Variants whose math differs subclass one pi
 (llmtrain.strategies.dapo) the aggregation, DrGRPO (llmtrain.strategies.dr_grpo) the advantages
 and the aggregation. The reference is a frozen copy of the starting policy (none when
 kl_coef = 0), overwritten with the policy's weights at every step that is a positive multiple of
-`sync_interval`; it is not checkpointed, so resume is exact from a checkpoint at such a step.
+`sync_interval`. After its first sync it is no longer the starting policy, so checkpoints from then
+on also hold it (strategy.safetensors, with the rollouts buffered for num_iterations > 1): resume
+is exact from any step.
 
 GSPO (Zheng et al. 2025, arXiv:2507.18071; `importance_sampling_level="sequence"`, TRL's option of
 that name) clips one ratio per completion, the exponential of its mean token log-ratio,
@@ -139,6 +141,7 @@ class GRPO(Strategy):
         self.scored_group = group_size if share_prompt else 1        # rows per forward row in completion_logps
         self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
         self.reference = FrozenReference(share_prompt=False) if kl_coef > 0 else None
+        self.synced_at: int | None = None        # the step of the reference's last sync (None: the start)
 
     def setup(self, model: nn.Module, data: object) -> None:
         self.rollouts.tokenizer = data.tokenizer
@@ -150,6 +153,7 @@ class GRPO(Strategy):
         if self.reference is not None and self.rollouts.position == 0 and step and self.sync_interval \
                 and step % self.sync_interval == 0:
             self.reference.sync(model)               # before the window's first loss: weights after `step` updates
+            self.synced_at = step
         if self.filter_groups and step is not None:
             rollout = self.keep_varied_groups(rollout)
         return rollout
@@ -163,6 +167,22 @@ class GRPO(Strategy):
             varied_B[0] = True
         rows = varied_B.repeat_interleave(self.group_size)
         return {**{k: v[rows] for k, v in rollout.items()}, "sampled_rewards": rollout["rewards"]}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The reference once it was synced (the starting policy is rebuilt by `setup`), its sync step,
+        and the buffered rollouts (llmtrain.strategies.rollout.Rollouts.state_dict)."""
+        state = self.rollouts.state_dict()
+        if self.reference is not None and self.synced_at is not None:
+            state |= {f"reference/{k}": v for k, v in self.reference.state_dict().items()}
+            state["reference_synced_at"] = torch.tensor(self.synced_at)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.rollouts.load_state_dict({k: v for k, v in state.items() if k.startswith("buffer/")})
+        if "reference_synced_at" in state and self.reference is not None:
+            self.reference.load_state_dict({k[len("reference/"):]: v for k, v in state.items()
+                                            if k.startswith("reference/")})
+            self.synced_at = int(state["reference_synced_at"])
 
     def samples(self, n: int) -> list[dict[str, object]]:
         """The first `n` completions of the last evaluation (one group: the same prompt G times, then the

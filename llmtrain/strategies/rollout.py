@@ -22,9 +22,9 @@ draws the same completions.
 
 With `num_iterations` = mu > 1 a rollout serves mu optimizer steps: a step with step % mu != 0
 reuses the rollout of the same micro-batch position from the last generating step and ignores its
-incoming batch (only every mu-th batch of prompts is used). The buffer is not checkpointed, so
-resume is exact only from a checkpoint whose step is a multiple of mu (a resumed step without a
-buffered rollout samples a fresh one from its own batch). The stored old_logp come from the cached
+incoming batch (only every mu-th batch of prompts is used). Checkpoints keep the buffer (every
+rank's, `state_dict`), so resume is exact from any step; a resumed step that finds no buffered
+rollout (a checkpoint from another number of ranks) samples a fresh one from its own batch. The stored old_logp come from the cached
 decode, which matches the training forward to ~1e-5 in fp32 (tested); under bf16 autocast the two
 round differently, which adds a little noise to the ratios of the reused passes.
 
@@ -170,6 +170,25 @@ class Rollouts:
         self.position = 0
         self.last_texts: list[dict[str, object]] = []   # the last rollout's texts and rewards, one row per completion
         self.eval_texts: list[dict[str, object]] = []   # those of the last evaluation's rollouts
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The buffered rollouts as buffer/<rank>/<position>/<key>, every rank's (gathered: every rank calls this)."""
+        buffers = [self.buffer]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            buffers = [None] * dist.get_world_size()
+            dist.all_gather_object(buffers, {p: {k: v.cpu() for k, v in r.items()} for p, r in self.buffer.items()})
+        return {f"buffer/{rank}/{position}/{key}": value.contiguous()
+                for rank, buffer in enumerate(buffers) for position, rollout in buffer.items()
+                for key, value in rollout.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """This rank's buffered rollouts from `state_dict`'s tensors (the others' are left alone)."""
+        rank = str(dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        self.buffer = {}
+        for name, value in state.items():
+            _, owner, position, key = name.split("/", 3)
+            if owner == rank:
+                self.buffer.setdefault(int(position), {})[key] = value
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
         """The rollout for this micro-batch: fresh, or the buffered one on a reuse step."""

@@ -6,6 +6,8 @@ from llmtrain.callbacks.base import Callback
 
 
 class InterruptAt(Callback):
+    runs_last = True          # after the checkpoint callback, which is listed before it
+
     def __init__(self, step: int) -> None:
         self.step = step
 
@@ -16,6 +18,8 @@ class InterruptAt(Callback):
 
 class SignalAt(Callback):
     """Sends this process a signal (default SIGTERM) at a chosen step, as a cluster scheduler would."""
+
+    runs_last = True
 
     def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
         self.step, self.signal_name = step, signal_name

@@ -180,20 +180,64 @@ def test_grpo_on_text_data_fails_at_start_naming_both(tmp_path):
         train(cfg)
 
 
-def test_grpo_resume_from_a_sync_and_generation_step_is_bit_exact(tmp_path):
-    """Sampling seeds follow (seed, step, micro-batch); the reference and the rollout buffer are rebuilt
-    exactly when the checkpoint step is a multiple of sync_interval and num_iterations (here 4)."""
+@pytest.mark.parametrize("every_steps", [4, 5], ids=["aligned-checkpoint", "mid-cycle-checkpoint"])
+def test_grpo_resume_is_bit_exact_from_any_step(every_steps, tmp_path):
+    """Sampling seeds follow (seed, step, micro-batch). At a step that is a multiple of sync_interval and
+    num_iterations the checkpoint holds the reference of the last sync; at step 5 also the rollout of
+    step 4 that step 5 reuses."""
     from safetensors.torch import load_file
 
     from tests.conftest import SMOKE as IN_PROCESS
 
     common = [*IN_PROCESS, *GRPO_RUN, "trainer.max_steps=8", "trainer.eval_every=4", "strategy.sync_interval=2",
-              "strategy.num_iterations=2", "callbacks.checkpoint.every_steps=4"]
+              "strategy.num_iterations=2", f"callbacks.checkpoint.every_steps={every_steps}"]
     straight, split = straight_and_resumed(common, tmp_path)
     assert straight == split and len(straight) == 8 and straight[-1]["kl"] > 0
     a = load_file(tmp_path / "straight/checkpoints/latest/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/latest/model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    kept = load_file(tmp_path / f"split/checkpoints/step_{every_steps:06d}/strategy.safetensors")
+    synced = {4: 2, 5: 4}[every_steps]          # the step-4 sync happens before step 4's update, after its save
+    assert int(kept["reference_synced_at"]) == synced and any(k.startswith("reference/") for k in kept)
+    assert any(k.startswith("buffer/0/") for k in kept)
+
+
+def test_a_resume_refuses_an_optimizer_override_it_could_not_apply(tmp_path):
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS
+    from tests.conftest import compose_cfg
+
+    common = [*IN_PROCESS, "trainer.max_steps=2", f"paths.output_dir={tmp_path}"]
+    train(compose_cfg(*common))
+    with pytest.raises(ValueError, match=r"optimizer.lr=1e-5: a resumed run keeps the optimizer state.*init_from"):
+        train(compose_cfg(*common, f"resume={tmp_path}", "trainer.max_steps=3", "optimizer.lr=1e-5"))
+    metrics, _ = train(compose_cfg(*common, f"resume={tmp_path}", "trainer.max_steps=3", "optimizer.lr=3e-3"))
+    assert len(rows(tmp_path)) == 3                           # restating the saved value is no change
+
+
+def test_the_fp16_loss_scale_resumes_where_it_was(tmp_path):
+    from tests.conftest import SMOKE as IN_PROCESS
+
+    common = [*IN_PROCESS, "hardware.precision=fp16", "data.accuracy_examples=0", "callbacks.checkpoint.every_steps=4",
+              "+callbacks.nan={_target_:tests.faults.NaNAt,steps:[2],part:gradients}"]   # one back-off, at step 2
+    straight, split = straight_and_resumed(common, tmp_path)
+    assert straight == split
+    states = [torch.load(tmp_path / run / "checkpoints/latest/resume.pt", weights_only=True)["scaler"]
+              for run in ("straight", "split")]
+    assert states[0] == states[1] and states[0]["_growth_tracker"] == 6 and states[0]["scale"] == 2.0 ** 15
+
+
+def test_the_checkpoint_callback_runs_after_the_metrics_and_samples_of_its_step(tmp_path):
+    from llmtrain.callbacks.checkpoint import Checkpoint
+    from llmtrain.entry import train
+    from tests.conftest import SMOKE as IN_PROCESS
+    from tests.conftest import compose_cfg
+
+    _, built = train(compose_cfg(*IN_PROCESS, "trainer.max_steps=1", f"paths.output_dir={tmp_path}",
+                                 "+callbacks.nan={_target_:tests.faults.NaNAt,steps:[]}"))
+    names = [type(c).__name__ for c in built["trainer"].callbacks]
+    assert names[-1] == "Checkpoint" and isinstance(built["trainer"].callbacks[-1], Checkpoint)
+    assert names.index("JsonlMetrics") < names.index("NaNAt")         # the others keep the config's order
 
 
 @pytest.mark.parametrize("thinking_option", ["none", "hrpo_proj"])
