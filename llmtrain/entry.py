@@ -42,9 +42,10 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
     inside the run directory it was written in are moved to the directory resumed now, so that a
     copied or moved run directory goes on in place instead of writing into the original.
 
-    An override of the optimizer (optimizer.lr, weight_decay, betas, groups...) that changes its
-    value is refused: the checkpoint's optimizer and scheduler state would restore the old values
-    anyway, while the new run's config.yaml recorded the new ones.
+    An override that changes the optimizer (optimizer.lr, weight_decay, betas, groups...) is refused:
+    the checkpoint's optimizer and scheduler state would restore the old values anyway, while the new
+    run's config.yaml recorded the new ones. So is one that changes the model: its weights fit only
+    the architecture they were trained with.
     """
     saved = OmegaConf.create((checkpoint / "config.yaml").read_text())
     saved = relocate(saved, str(saved.paths.output_dir), str(cfg.paths.output_dir))
@@ -52,11 +53,12 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
         key = override.lstrip("+~").split("=", 1)[0]
         if key in ("resume", "paths.output_dir") or key.startswith("hydra."):
             continue
-        if key.split(".")[0] == "optimizer" and not _same(OmegaConf.select(saved, key), OmegaConf.select(cfg, key)):
-            raise ValueError(
-                f"{override}: a resumed run keeps the optimizer state of {checkpoint} (its learning rates, "
-                f"weight decay and moments), so this override would not apply; resume without it, or start a "
-                f"new run from these weights with model.init_from={checkpoint} {override}")
+        group, path = _group_of(key), key.replace("/", ".")
+        if group in ("optimizer", "model") and not _same(OmegaConf.select(saved, path), OmegaConf.select(cfg, path)):
+            kept = ("the optimizer state of {0} (its learning rates, weight decay and moments), so this override "
+                    "would not apply" if group == "optimizer" else "the architecture of {0}, which its weights fit")
+            raise ValueError(f"{override}: a resumed run keeps {kept.format(checkpoint)}; resume without it, or "
+                             f"start a new run from these weights with model.init_from={checkpoint} {override}")
         if override.startswith("~"):
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(saved, parent) if parent else saved
@@ -66,6 +68,11 @@ def resume_config(cfg: DictConfig, checkpoint: Path) -> DictConfig:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     saved.resume, saved.paths.output_dir = cfg.resume, cfg.paths.output_dir
     return saved
+
+
+def _group_of(key: str) -> str:
+    """The config group an override key belongs to: optimizer.lr -> optimizer, model/thinking -> model."""
+    return key.split("/")[0].split(".")[0]
 
 
 def _same(a: object, b: object) -> bool:
@@ -129,6 +136,12 @@ def build_model(cfg: DictConfig, hardware: Any, vocab_size: int) -> Any:
     """
     init_from = cfg.model.get("init_from")
     if init_from:
+        ignored = [o for o in command_line_overrides() if _group_of(o.lstrip("+~").split("=", 1)[0]) == "model"
+                   and not o.lstrip("+~").startswith(("model.init_from=", "model/thinking=", "model.thinking"))]
+        if ignored:
+            raise ValueError(f"{' '.join(ignored)}: with model.init_from={init_from} the architecture comes from "
+                             "there, so these overrides would be ignored; drop them (only model/thinking and "
+                             "model.thinking.* are this run's own)")
         check_tokenizer(init_from, cfg.data.tokenizer)     # before the source's architecture replaces ours
         node = source_model_node(init_from)
         node.init_from, node.thinking = init_from, cfg.model.get("thinking")
@@ -164,6 +177,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     nprocs = cfg.hardware.get("nprocs")
+    if nprocs is not None and nprocs < 1:
+        raise ValueError(f"hardware.nprocs={nprocs} must be >= 1 (the number of rank processes to start)")
     if nprocs is not None and not under_launcher():
         _pin_wandb_group(cfg)
         with claimed_run_dir(output_dir, claim=checkpoint is None, keep_if_started=True):
@@ -199,6 +214,38 @@ def _is_distributed(node: DictConfig) -> bool:
         return True
 
 
+def check_lengths(cfg: DictConfig, model: Any, strategy: Any) -> None:
+    """Refuse, before any data is read, rows or completions longer than the model's RoPE table
+    (which a run would otherwise meet at its first long batch); warn where only a long prompt
+    plus a full completion would not fit."""
+    limit = getattr(getattr(model, "rope", None), "max_seq_len", None)
+    seq_len, new_tokens = OmegaConf.select(cfg, "data.seq_len"), getattr(strategy, "max_new_tokens", 0)
+    if limit is None:
+        return
+    if seq_len is not None and seq_len > limit:
+        raise ValueError(f"data.seq_len={seq_len} is longer than the model's max_seq_len={limit} (its RoPE table): "
+                         f"lower data.seq_len or raise model.max_seq_len")
+    if new_tokens >= limit:
+        raise ValueError(f"strategy.max_new_tokens={new_tokens} leaves no room for a prompt in the model's "
+                         f"max_seq_len={limit}: lower it or raise model.max_seq_len")
+    if seq_len is not None and new_tokens and seq_len + new_tokens > limit:
+        log.warning("a prompt of data.seq_len=%d tokens plus strategy.max_new_tokens=%d exceeds the model's "
+                    "max_seq_len=%d: a rollout of such a prompt would fail", seq_len, new_tokens, limit)
+
+
+def check_optimizer_and_scheduler(cfg: DictConfig, model: Any) -> None:
+    """Build the optimizer and the scheduler once on the unwrapped model, to throw them away: their
+    bad values (betas, groups, min_rate...) fail here, before the data and a DPO reference are
+    scored. The scheduler sees `trainer.max_steps` (or 1), and its warnings wait for the real one."""
+    optimizer = instantiate(cfg.optimizer)(model.named_parameters())
+    schedulers = logging.getLogger("llmtrain.schedulers")
+    level, schedulers.level = schedulers.level, logging.ERROR
+    try:
+        instantiate(cfg.scheduler)(optimizer, total_steps=OmegaConf.select(cfg, "trainer.max_steps") or 1)
+    finally:
+        schedulers.setLevel(level)
+
+
 def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str, float], dict[str, Any]]:
     """Build everything in dependency order and fit (on every rank); `claim`: take the run directory."""
     output_dir = Path(cfg.paths.output_dir)
@@ -207,13 +254,15 @@ def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str
         data = hardware.shard(instantiate(cfg.data))   # cheap: the heavy work is in data.setup
         model = build_model(cfg, hardware, data.tokenizer.vocab_size)
         strategy = instantiate(cfg.strategy)
+        check_lengths(cfg, model, strategy)
+        callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+        check_optimizer_and_scheduler(cfg, model)      # bad values fail before the slow setups below
         data.setup(strategy.format)                    # an impossible pairing fails here, naming both
         with hardware.autocast():                      # DPO's precomputed reference: as the loss scores the policy
             strategy.setup(model, data)                # the plain model (DPO copies it); before a resume
         model = hardware.prepare(model)                # checkpointing, compile, DDP/FSDP: in place
         optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
         make_scheduler = instantiate(cfg.scheduler)
-        callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
         callbacks = [c for c in callbacks if hardware.is_rank0 or not c.rank_zero_only]
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         trainer = instantiate(cfg.trainer, model=model, strategy=strategy, data=data, optimizer=optimizer,

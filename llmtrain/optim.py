@@ -73,6 +73,8 @@ def adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, betas
         raise ValueError(f"optimizer.lr={lr} must be > 0")
     if weight_decay < 0:
         raise ValueError(f"optimizer.weight_decay={weight_decay} must be >= 0")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optimizer.betas={list(betas)} must be two values in [0, 1), e.g. [0.9, 0.95]")
     grouped = param_groups(named_parameters, list(groups), lr, weight_decay)
     if fused is None:
         params = [p for g in grouped for p in g["params"]]

@@ -67,7 +67,10 @@ def sgdr(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, cycle_st
     if cycle_steps < 1 or t_mult < 1:
         raise ValueError(f"scheduler.cycle_steps={cycle_steps} and t_mult={t_mult} must be >= 1")
     before, after = _nearest_cycle_ends(total_steps - warmup_steps, cycle_steps, t_mult)
-    if after != total_steps - warmup_steps:
+    if warmup_steps >= total_steps:
+        log.warning("sgdr: scheduler.warmup_steps=%d >= the run's %d steps, so the lr only ramps up and no "
+                    "cycle starts", warmup_steps, total_steps)
+    elif after != total_steps - warmup_steps:
         log.warning("sgdr: %d steps after warmup stop in the middle of a cycle (at a high lr); "
                     "cycles end after %s steps", total_steps - warmup_steps,
                     f"{before} or {after}" if before > 0 else after)

@@ -110,9 +110,11 @@ def test_init_from_a_hf_folder_starts_from_its_weights_and_records_the_architect
 
 def test_init_from_a_run_takes_its_architecture_and_weights(smoke_run, tmp_path):
     result = run_cli(*SMOKE, "model/size=small", f"model.init_from={smoke_run}", "trainer.max_steps=3",
-                     f"hydra.run.dir={tmp_path}")
+                     f"hydra.run.dir={tmp_path / 'refused'}")
+    assert result.returncode != 0 and "model/size=small: with model.init_from=" in result.stderr  # not silently dropped
+    result = run_cli(*SMOKE, f"model.init_from={smoke_run}", "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert OmegaConf.load(tmp_path / "resolved_config.yaml").model.dim == 128     # the source's, not small's
+    assert OmegaConf.load(tmp_path / "run/resolved_config.yaml").model.dim == 128     # the source's
 
 
 def test_unknown_architecture_and_mismatched_tensor_are_named(tmp_path):

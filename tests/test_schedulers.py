@@ -67,6 +67,12 @@ def test_cosine_warmup_longer_than_the_run_warns_and_only_ramps(caplog):
     assert [scheduler.lr_lambdas[0](s) for s in range(3)] == pytest.approx([0.01, 0.02, 0.03])
 
 
+def test_sgdr_warmup_longer_than_the_run_warns_as_cosine_does(caplog):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sgdr(opt, total_steps=10, warmup_steps=150)                     # `scheduler=sgdr trainer.max_steps=10`
+    assert "warmup_steps=150 >= the run's 10 steps" in caplog.text and "middle of a cycle" not in caplog.text
+
+
 def test_sgdr_warns_when_training_stops_mid_cycle(caplog):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sgdr(opt, total_steps=10, cycle_steps=2, t_mult=2)

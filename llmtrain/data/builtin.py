@@ -41,7 +41,7 @@ from llmtrain.data.cache import (PYTHON, Cache, cache_root, digest, examples_byt
 from llmtrain.data.chat import JinjaTemplate, Message, make_template
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.padded import PaddedBatches
-from llmtrain.data.splits import Splits
+from llmtrain.data.splits import Splits, check_sizes
 from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, question,
                                      split_examples)
 from llmtrain.data.tokenizer import ByteTokenizer
@@ -88,6 +88,7 @@ class BuiltinTask(Splits):
         check_choices(self.tasks, self.languages)
         _check_positive(n_train=n_train, n_eval=n_eval, seq_len=seq_len, batch_size=batch_size,
                         eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens)
+        check_sizes(seq_len, batch_size, eval_batch_size)
         if accuracy_examples < 0:
             raise ValueError(f"data.accuracy_examples={accuracy_examples} must be >= 0")
         self.tokenizer, self.seed = tokenizer, seed

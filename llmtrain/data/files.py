@@ -24,7 +24,7 @@ from llmtrain.data.formats import (CHAT_SHAPES, PREFERENCE_SHAPES, PROMPT_SHAPES
                                    preference_messages, prompt_messages, row_format)
 from llmtrain.data.padded import PaddedBatches
 from llmtrain.data.records import RECORD_SUFFIXES, read_records
-from llmtrain.data.splits import Splits
+from llmtrain.data.splits import Splits, check_sizes, path_list
 
 log = logging.getLogger(__name__)
 NEEDS = {"chat": CHAT_SHAPES, "preference": PREFERENCE_SHAPES, "prompts": PROMPT_SHAPES}
@@ -51,8 +51,7 @@ class RecordFiles(Splits):
         self.paths, self.eval_paths = _check_paths("data.paths", paths), _check_paths("data.eval_paths", eval_paths)
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
-        if seq_len < 2:
-            raise ValueError(f"data.seq_len={seq_len} must be >= 2")
+        check_sizes(seq_len, batch_size, eval_batch_size)
         self.tokenizer, self.template = tokenizer, make_template(tokenizer, chat_template)
         self.seq_len, self.batch_size, self.eval_batch_size = seq_len, batch_size, eval_batch_size
         self.eval_fraction, self.seed = eval_fraction, seed
@@ -126,8 +125,8 @@ class RecordFiles(Splits):
         self.eval.add_column(name, compute)
 
 
-def _check_paths(option: str, paths: Sequence[str]) -> list[Path]:
-    checked = [Path(p) for p in paths]
+def _check_paths(option: str, paths: str | Sequence[str]) -> list[Path]:
+    checked = path_list(paths)
     for path in checked:
         if path.suffix not in RECORD_SUFFIXES:
             raise ValueError(f"{option}: {path} is not one of {RECORD_SUFFIXES}")

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from llmtrain.data.atomic import new_dir
 from llmtrain.data.packing import RowBatches
-from llmtrain.data.splits import Splits
+from llmtrain.data.splits import Splits, check_sizes
 from llmtrain.data.text import SUFFIXES, read_documents
 
 FORMAT_VERSION = 1
@@ -186,6 +186,7 @@ class TokenShards(Splits):
                              f"choose that one: {choose}")
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
+        check_sizes(seq_len, batch_size, eval_batch_size)
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
         self.batch_size, self.eval_batch_size, self.eval_fraction = batch_size, eval_batch_size, eval_fraction
 

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+
+def check_sizes(seq_len: int, batch_size: int, eval_batch_size: int) -> None:
+    """At construction (config time): a row needs two tokens for one target, a batch one row."""
+    if seq_len < 2:
+        raise ValueError(f"data.seq_len={seq_len} must be >= 2 (a row of one token has no next token to predict)")
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"data.{name}={value} must be >= 1")
+
+
+def path_list(paths: str | Sequence[str]) -> list[Path]:
+    """`paths` as a list: one path given as a plain string (data.paths=corpus.txt) is a list of one,
+    not a sequence of one-character names."""
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
 
 
 class Splits:

@@ -9,7 +9,7 @@ from typing import Any
 
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.records import read_records, read_text, string_field
-from llmtrain.data.splits import Splits
+from llmtrain.data.splits import Splits, check_sizes, path_list
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -38,7 +38,8 @@ class TextFiles(Splits):
                  eval_batch_size: int = 64, eval_fraction: float = 0.05, seed: int = 0) -> None:
         if not paths:
             raise ValueError("data.paths is empty: give at least one .txt, .jsonl or .parquet file")
-        self.paths = [Path(p) for p in paths]
+        self.paths = path_list(paths)
+        check_sizes(seq_len, batch_size, eval_batch_size)
         for path in self.paths:
             if path.suffix not in SUFFIXES:
                 raise ValueError(f"data.paths: {path} is not one of {SUFFIXES}")
