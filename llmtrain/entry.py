@@ -239,7 +239,8 @@ def check_optimizer_and_scheduler(cfg: DictConfig, model: Any) -> None:
     scored. The scheduler sees `trainer.max_steps` (or 1), and its warnings wait for the real one."""
     optimizer = instantiate(cfg.optimizer)(model.named_parameters())
     schedulers = logging.getLogger("llmtrain.schedulers")
-    level, schedulers.level = schedulers.level, logging.ERROR
+    level = schedulers.level
+    schedulers.setLevel(logging.ERROR)
     try:
         instantiate(cfg.scheduler)(optimizer, total_steps=OmegaConf.select(cfg, "trainer.max_steps") or 1)
     finally:

@@ -195,7 +195,8 @@ class Rollouts:
         self.position = self.position + 1 if step == self.key else 0
         self.key = step
         if step is not None and step % self.num_iterations != 0 and self.position in self.buffer:
-            return self.buffer[self.position]
+            device = batch["input_ids"].device          # a buffer restored from a checkpoint is on the CPU
+            return {k: v.to(device) for k, v in self.buffer[self.position].items()}
         fresh = self.sample(model, batch, stream_seed(self.seed, step, self.position))
         if step is None:                     # evaluation: keep its texts for samples.jsonl
             if self.position == 0:
