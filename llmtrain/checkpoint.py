@@ -135,29 +135,25 @@ def _torch_save(obj: object, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def gather_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(weights, resume state) as one process would hold them; every rank calls it (FSDP2 gathers)."""
+def gather_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Tensor]]:
+    """(weights, resume state, strategy state) as one process would hold them; every rank calls it
+    (FSDP2 gathers, so may the strategy)."""
     hardware = trainer.hardware
     weights = unique_tensors(trainer.model, hardware.model_state_dict(trainer.model))
     state = {"optimizer": hardware.optimizer_state_dict(trainer.model, trainer.optimizer),
              "scheduler": trainer.scheduler.state_dict(), "rng": rng_state(), "trainer": trainer.state_dict()}
     if hardware.scaler is not None:
         state["scaler"] = hardware.scaler.state_dict()
-    strategy_state = getattr(trainer.strategy, "state_dict", dict)()
-    if strategy_state:
-        state["strategy"] = strategy_state              # its own file (see _write_files)
-    return weights, state
+    return weights, state, getattr(trainer.strategy, "state_dict", dict)()
 
 
 def _write_files(tmp: Path, trainer: Any, weights: dict[str, Tensor], state: dict[str, Any],
-                 config_yaml: str) -> None:
+                 strategy_state: dict[str, Tensor], config_yaml: str) -> None:
     meta = {"format_version": FORMAT_VERSION, "step": trainer.step, "epoch": trainer.epoch,
             "iteration": trainer.iteration, "config_hash": config_hash(config_yaml), "rope_layout": "half",
             "time": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     _write(tmp / "model.safetensors",
            lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
-    state = dict(state)
-    strategy_state = state.pop("strategy", None)
     _write(tmp / "resume.pt", lambda path: _torch_save(state, path))
     if strategy_state:
         _write(tmp / "strategy.safetensors", lambda path: save_file(strategy_state, str(path)))
@@ -176,7 +172,7 @@ def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
             effort, never masking that error) and a folder it moved aside is put back, so the earlier
             step folders and `latest` are as they were: `latest` still names the last complete checkpoint.
     """
-    weights, state = gather_state(trainer)
+    weights, state, strategy_state = gather_state(trainer)
     final = root / step_dir_name(trainer.step)
     if not trainer.hardware.is_rank0:
         return final
@@ -189,7 +185,7 @@ def save_checkpoint(root: Path, trainer: Any, config_yaml: str = "") -> Path:
     placed = aside = None
     try:
         tmp.mkdir()
-        _write_files(tmp, trainer, weights, state, config_yaml)
+        _write_files(tmp, trainer, weights, state, strategy_state, config_yaml)
         _fsync_tree(tmp)
         if final.exists():                      # e.g. resumed from an older checkpoint: keep, never overwrite
             aside = final.with_name(f"{final.name}.replaced_{dt.datetime.now():%Y%m%d-%H%M%S}")

@@ -86,8 +86,7 @@ class BuiltinTask(Splits):
         self.tasks = list(DEFAULT_TASKS) if tasks is None else list(tasks)
         self.languages = list(languages)
         check_choices(self.tasks, self.languages)
-        _check_positive(n_train=n_train, n_eval=n_eval, seq_len=seq_len, batch_size=batch_size,
-                        eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens)
+        _check_positive(n_train=n_train, n_eval=n_eval, max_new_tokens=max_new_tokens)
         check_sizes(seq_len, batch_size, eval_batch_size)
         if accuracy_examples < 0:
             raise ValueError(f"data.accuracy_examples={accuracy_examples} must be >= 0")

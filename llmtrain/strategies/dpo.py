@@ -52,7 +52,7 @@ def response_logps(model: nn.Module, batch: dict[str, Tensor]) -> ResponseScores
                              reduction="none").view_as(targets_BT)          # 0 where ignored
     is_target_BT = targets_BT != IGNORE_INDEX
     with torch.no_grad():
-        logit_sums_B = (logits_BTV.float().mean(-1) * is_target_BT).sum(-1)
+        logit_sums_B = (logits_BTV.mean(-1, dtype=torch.float32) * is_target_BT).sum(-1)   # no fp32 copy of bf16 logits
     return ResponseScores(-nll_BT.sum(-1), is_target_BT.sum(-1), logit_sums_B)
 
 

@@ -173,10 +173,10 @@ class Rollouts:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The buffered rollouts as buffer/<rank>/<position>/<key>, every rank's (gathered: every rank calls this)."""
-        buffers = [self.buffer]
+        buffers = [{p: {k: v.cpu() for k, v in r.items()} for p, r in self.buffer.items()}]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            buffers = [None] * dist.get_world_size()
-            dist.all_gather_object(buffers, {p: {k: v.cpu() for k, v in r.items()} for p, r in self.buffer.items()})
+            local, buffers = buffers[0], [None] * dist.get_world_size()
+            dist.all_gather_object(buffers, local)
         return {f"buffer/{rank}/{position}/{key}": value.contiguous()
                 for rank, buffer in enumerate(buffers) for position, rollout in buffer.items()
                 for key, value in rollout.items()}
@@ -195,8 +195,10 @@ class Rollouts:
         self.position = self.position + 1 if step == self.key else 0
         self.key = step
         if step is not None and step % self.num_iterations != 0 and self.position in self.buffer:
-            device = batch["input_ids"].device          # a buffer restored from a checkpoint is on the CPU
-            return {k: v.to(device) for k, v in self.buffer[self.position].items()}
+            rollout, device = self.buffer[self.position], batch["input_ids"].device
+            if any(v.device != device for v in rollout.values()):   # restored from a checkpoint: on the CPU
+                rollout = self.buffer[self.position] = {k: v.to(device) for k, v in rollout.items()}
+            return rollout
         fresh = self.sample(model, batch, stream_seed(self.seed, step, self.position))
         if step is None:                     # evaluation: keep its texts for samples.jsonl
             if self.position == 0:
