@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -111,6 +112,37 @@ def claimed_run_dir(output_dir: Path, claim: bool, keep_if_started: bool = False
         raise
 
 
+def resume_snapshot() -> Path | None:
+    """The `.hydra/resume_<time>/` folder Hydra wrote for this job if it resumes a run, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None)   # unset under the compose API
+    subdir = OmegaConf.select(hydra_cfg, "output_subdir", default=None)
+    if output_dir is None or subdir is None or not str(subdir).startswith(".hydra/resume_"):
+        return None
+    return Path(output_dir) / subdir
+
+
+@contextlib.contextmanager
+def snapshot_dropped_on_error(record: Path | None = None) -> Iterator[None]:
+    """A resume refused during its setup (a bad override, a finished run) removes the snapshot Hydra
+    wrote for it before the job started: it would describe a resume that never ran.
+
+    `record`: the inside is the whole run in rank processes; drop the snapshot only if this run.json
+    is as it was, i.e. rank 0 never got as far as recording the resume (llmtrain.rundir.RunRecord).
+    """
+    before = record.read_bytes() if record is not None and record.exists() else None
+    try:
+        yield
+    except BaseException:
+        snapshot = resume_snapshot()
+        unstarted = record is None or (record.read_bytes() if record.exists() else None) == before
+        if snapshot is not None and unstarted:
+            shutil.rmtree(snapshot, ignore_errors=True)
+        raise
+
+
 class NoRecord:
     """The run record of ranks other than 0: only rank 0 writes run.json."""
 
@@ -170,18 +202,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The final metrics, and the built objects (model, trainer, callbacks, ...) for tests (only
         `cfg` when the ranks ran in other processes).
     """
-    checkpoint = None if cfg.resume is None else find_checkpoint(cfg.resume)
-    if checkpoint is not None:
-        cfg = resume_config(cfg, checkpoint)
-    check_config(cfg)
+    with snapshot_dropped_on_error():
+        checkpoint = None if cfg.resume is None else find_checkpoint(cfg.resume)
+        if checkpoint is not None:
+            cfg = resume_config(cfg, checkpoint)
+        check_config(cfg)
+        nprocs = cfg.hardware.get("nprocs")
+        if nprocs is not None and nprocs < 1:
+            raise ValueError(f"hardware.nprocs={nprocs} must be >= 1 (the number of rank processes to start)")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    nprocs = cfg.hardware.get("nprocs")
-    if nprocs is not None and nprocs < 1:
-        raise ValueError(f"hardware.nprocs={nprocs} must be >= 1 (the number of rank processes to start)")
     if nprocs is not None and not under_launcher():
         _pin_wandb_group(cfg)
-        with claimed_run_dir(output_dir, claim=checkpoint is None, keep_if_started=True):
+        with claimed_run_dir(output_dir, claim=checkpoint is None, keep_if_started=True), \
+                snapshot_dropped_on_error(record=output_dir / "run.json"):
             return launch(cfg, checkpoint, nprocs), {"cfg": cfg}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not _is_distributed(cfg.hardware):
@@ -250,7 +284,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig, model: Any) -> None:
 def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str, float], dict[str, Any]]:
     """Build everything in dependency order and fit (on every rank); `claim`: take the run directory."""
     output_dir = Path(cfg.paths.output_dir)
-    with claimed_run_dir(output_dir, claim=claim):   # a directory in use fails here, first
+    with claimed_run_dir(output_dir, claim=claim), snapshot_dropped_on_error():   # a directory in use fails here, first
         hardware = instantiate(cfg.hardware)
         data = hardware.shard(instantiate(cfg.data))   # cheap: the heavy work is in data.setup
         model = build_model(cfg, hardware, data.tokenizer.vocab_size)

@@ -87,10 +87,16 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def _run_dir_resolver(resume: str | None, default: str) -> str:
-    if resume is not None:
-        return str(run_dir_of(find_checkpoint(resume)))
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return torchrun_dir(Path(default), os.environ["TORCHELASTIC_RUN_ID"])
+    """hydra.run.dir. Hydra resolves it before the job starts, outside the code whose errors it reports
+    in one line, so a bad `resume=` or torchrun id exits here with the message alone instead of
+    Hydra's traceback (and its "error during exception formatting")."""
+    try:
+        if resume is not None:
+            return str(run_dir_of(find_checkpoint(resume)))
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            return torchrun_dir(Path(default), os.environ["TORCHELASTIC_RUN_ID"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     return claim_new_dir(Path(default))
 
 
@@ -151,7 +157,12 @@ def _snapshot_dir_resolver(resume: str | None, *, _root_: DictConfig) -> str | N
     if resume is None:
         output_dir = OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None)
         return None if output_dir is not None and holds_run(output_dir) else ".hydra"
-    return f".hydra/resume_{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"   # never overwrite the original
+    global _resume_stamp
+    _resume_stamp = _resume_stamp or f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"   # one per process: re-read later
+    return f".hydra/resume_{_resume_stamp}"        # never overwrite the original
+
+
+_resume_stamp: str | None = None
 
 
 def register_resolvers() -> None:

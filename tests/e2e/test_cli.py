@@ -151,19 +151,27 @@ def test_bad_input_fails_at_start_naming_the_value(args, message, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()            # failed before training began
 
 
-def test_resume_of_a_directory_without_checkpoint_is_refused(tmp_path):
-    result = run_cli(f"resume={tmp_path}")
-    assert result.returncode != 0
-    assert f"resume={tmp_path}: no checkpoint there" in result.stderr + result.stdout
+@pytest.mark.parametrize("where", ["empty", "missing"])
+def test_resume_of_a_directory_without_checkpoint_is_refused_in_one_line(tmp_path, where):
+    path = tmp_path if where == "empty" else tmp_path / "nowhere"
+    result = run_cli(f"resume={path}")
+    expected = "no checkpoint there" if where == "empty" else "no such directory"
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: resume={path}: {expected}"), result.stderr
+    assert "Traceback" not in result.stderr and "exception formatting" not in result.stderr
 
 
 def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
     assert run_cli(*SMOKE, f"hydra.run.dir={tmp_path}").returncode == 0
     result = run_cli(f"resume={tmp_path}")
     assert result.returncode != 0 and "already finished its 8 steps" in result.stderr + result.stdout
+    refused = run_cli(f"resume={tmp_path}", "optimizer.lr=0.5")
+    assert refused.returncode != 0 and "optimizer.lr=0.5: a resumed run keeps" in refused.stderr
+    assert not list((tmp_path / ".hydra").glob("resume_*"))      # refused resumes leave no snapshot
     longer = run_cli(f"resume={tmp_path}", "trainer.max_steps=12")
     assert longer.returncode == 0, longer.stderr
     assert rows(tmp_path)[-1]["step"] == 12
+    assert len(list((tmp_path / ".hydra").glob("resume_*"))) == 1   # the one that ran keeps its own
 
 
 def test_a_nan_stops_the_run_with_a_checkpoint_when_configured(tmp_path):
