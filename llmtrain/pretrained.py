@@ -36,10 +36,22 @@ def source_model_node(init_from: str | os.PathLike) -> DictConfig:
     """The `model` node of the weights in `init_from` (HF folder, run directory or checkpoint)."""
     if hf_io.is_hf_dir(init_from):
         return OmegaConf.create(hf_io.model_node(init_from))
-    saved = checkpoint_config(find_checkpoint(init_from, "model.init_from"))
+    saved = checkpoint_config(find_source(init_from, "model.init_from"))
     node = OmegaConf.create(OmegaConf.to_container(saved.model))
     node.pop("init_from", None)
     return node
+
+
+def find_source(init_from: str | os.PathLike, option: str = "model.init_from") -> Path:
+    """The llmtrain checkpoint of a source that is not an HF folder. A folder that holds neither kind
+    (no config.json, no meta.json, checkpoints/ or run.json) is refused saying what each would hold;
+    an llmtrain run without a complete checkpoint gets rundir's message."""
+    path = Path(init_from)
+    if path.is_dir() and not any((path / name).exists() for name in ("meta.json", "checkpoints", "run.json")):
+        raise ValueError(f"{option}={init_from}: neither a Hugging Face model folder (expected {path / 'config.json'} "
+                         "beside model.safetensors) nor an llmtrain run directory or checkpoint (expected "
+                         f"{path / 'checkpoints/latest/meta.json'}, or meta.json in a checkpoint's step folder)")
+    return find_checkpoint(init_from, option)
 
 
 def check_tokenizer(init_from: str | os.PathLike, tokenizer_node: DictConfig) -> None:
@@ -102,7 +114,7 @@ def source_vocabulary(init_from: str | os.PathLike, option: str = "model.init_fr
             log.warning("%s=%s: %s cannot be read (%s): %s", option, init_from, file, error, unchecked)
             return None
         return str(file), f"data/tokenizer=file data.tokenizer.path={init_from}", vocab
-    node = checkpoint_config(find_checkpoint(init_from, option)).data.tokenizer
+    node = checkpoint_config(find_source(init_from, option)).data.tokenizer
     try:
         tokenizer = instantiate(node)
     except InstantiationException as error:  # e.g. its tokenizer.json was moved since
@@ -140,7 +152,7 @@ def stage_record(init_from: str | os.PathLike) -> dict[str, Any]:
     started from, so pre-training -> SFT -> DPO can be traced back from the last run alone."""
     if hf_io.is_hf_dir(init_from):
         return {"path": str(init_from), "format": "huggingface"}
-    checkpoint = find_checkpoint(init_from, "model.init_from")
+    checkpoint = find_source(init_from, "model.init_from")
     meta = json.loads((checkpoint / "meta.json").read_text())
     record = {"path": str(init_from), "checkpoint": str(checkpoint.resolve()), "step": meta.get("step"),
               "strategy": checkpoint_config(checkpoint).strategy.get("_target_")}
@@ -170,7 +182,7 @@ def load_weights(model: nn.Module, init_from: str | os.PathLike, option: str = "
         if getattr(model, "thinking", None) is not None:
             log.info("model.init_from=%s: the thinking module (HRPO) starts from its initialisation", init_from)
         return
-    checkpoint = find_checkpoint(init_from, option)
+    checkpoint = find_source(init_from, option)
     file = checkpoint / "model.safetensors"
     if wrong := wrong_shapes(model, file):     # else load_model raises torch's multi-line RuntimeError
         raise ValueError(f"{option}={init_from}: {file} does not fit the model: {'; '.join(wrong)}")

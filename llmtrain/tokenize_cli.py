@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from llmtrain.data.bpe import TokenizerFile
 from llmtrain.data.shards import write_shards
+from llmtrain.data.text import SUFFIXES, read_documents
 from llmtrain.data.tokenizer import ByteTokenizer
 
 
@@ -26,9 +27,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_corpus(command: str, files: Sequence[str], texts: Callable[[Path], Iterable[str]],
+                 suffixes: Sequence[str], nothing: str) -> None:
+    """Refuse a corpus in which no file has text (ValueError); warn on stderr about the files without
+    text of one that has some. Each file is read up to its first non-blank text; missing files and
+    unknown suffixes are left to the command's own checks, which name them.
+    """
+    paths = [Path(f) for f in files]
+    empty = [p for p in paths if p.is_file() and p.suffix in suffixes and not any(t.strip() for t in texts(p))]
+    names = ", ".join(map(str, empty))
+    if empty and len(empty) == len(paths):
+        raise ValueError(f"no text in {names}: {nothing}")
+    if empty:
+        print(f"{command}: warning: no text in {names}", file=sys.stderr)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     try:
+        check_corpus("llmtrain tokenize", args.files, read_documents, SUFFIXES, "nothing to tokenize")
         if args.tokenizer == "byte":
             tokenizer, spec = ByteTokenizer(), "byte"
         else:

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmtrain.data.atomic import check_new_dir, new_dir
-from llmtrain.data.bpe import TokenizerFile, tokenizer_config, train_bpe, training_texts, write_tokenizer_dir
+from llmtrain.data.bpe import (TRAIN_SUFFIXES, TokenizerFile, tokenizer_config, train_bpe, training_texts,
+                               write_tokenizer_dir)
 from llmtrain.data.tokenizer import SPECIAL_TOKENS
+from llmtrain.tokenize_cli import check_corpus
 
 # Checked after training, with a sample of the corpus: Chinese, English, emoji, spaces and newlines.
 ROUND_TRIP_SAMPLE = "Hello, 世界! 23加45等于多少？答：68.\n\n  naïve café 🙂\tend "
@@ -39,6 +41,8 @@ def main(argv: Sequence[str]) -> int:
         if "<eos>" not in specials:
             raise ValueError(f"--special-tokens {' '.join(specials)}: <eos> is required (it ends every document)")
         check_new_dir(out)                         # before training, not after
+        check_corpus("llmtrain tokenizer", args.files, lambda path: training_texts([path]), TRAIN_SUFFIXES,
+                     "nothing to learn a vocabulary from")
         tokenizer = train_bpe(args.files, args.vocab_size, specials, args.min_frequency)
         config = tokenizer_config(tokenizer, bos="<bos>" if "<bos>" in specials else None, eos="<eos>",
                                   pad="<pad>" if "<pad>" in specials else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from llmtrain.data.shards import write_shards
@@ -139,6 +140,16 @@ def test_size_preset_of_another_attention_fails_at_build(model, size, tmp_path):
         build(cfg.model, vocab_size=cfg.model.vocab_size or 264)
 
 
+def test_the_head_dim_hint_names_an_override_that_builds(tmp_path):
+    sizes = ("model.dim=100", "model.attention.n_heads=3", "model.attention.n_kv_heads=1")   # 100 / 3 heads
+    cfg = compose_cfg(*sizes, f"paths.output_dir={tmp_path}")
+    with pytest.raises(InstantiationException, match=r"\+model.attention.head_dim=<n>"), torch.device("meta"):
+        build(cfg.model, vocab_size=264)
+    cfg = compose_cfg(*sizes, "+model.attention.head_dim=32", f"paths.output_dir={tmp_path}")
+    with torch.device("meta"):
+        assert build(cfg.model, vocab_size=264).layers[0].attn.head_dim == 32
+
+
 @pytest.mark.parametrize("model, size", [("gqa", "1b"), ("mla", "mla_1b")])
 def test_1b_presets_have_one_billion_parameters(model, size, tmp_path):
     cfg = compose_cfg(f"model={model}", f"model/size={size}", f"paths.output_dir={tmp_path}")
@@ -176,6 +187,13 @@ def test_every_option_instantiates(group, tmp_path):
         nodes = node.values() if group == "callbacks" else [node]
         for item in nodes:
             assert instantiate(item) is not None
+
+
+@pytest.mark.parametrize("option", ["text", "files", "shards"])
+def test_user_data_options_show_every_argument_of_their_class(option, tmp_path):
+    node = compose_cfg(f"data={option}", f"paths.output_dir={tmp_path}").data
+    arguments = set(inspect.signature(get_class(node._target_)).parameters) - {"tokenizer"}
+    assert arguments - set(node.keys()) == set()              # each one discoverable with --cfg job
 
 
 DATA_TOKENIZERS = [(d, t) for d in group_options("data") for t in group_options("data/tokenizer")]

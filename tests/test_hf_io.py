@@ -154,6 +154,19 @@ def file_tokenizer(path) -> DictConfig:
 BYTE = OmegaConf.create({"_target_": "llmtrain.data.tokenizer.ByteTokenizer"})
 
 
+def test_init_from_a_folder_of_neither_kind_says_what_it_expected(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")           # weights without their config.json
+    with pytest.raises(ValueError, match=rf"model.init_from={tmp_path}: neither a Hugging Face model folder "
+                                         rf"\(expected {tmp_path / 'config.json'} beside model.safetensors\) nor "
+                                         rf"an llmtrain run directory or checkpoint \(expected {tmp_path}/checkpoints"):
+        check_tokenizer(tmp_path, BYTE)
+    with pytest.raises(ValueError, match=rf"strategy.reference={tmp_path}: neither a Hugging Face"):
+        load_weights(torch.nn.Linear(1, 1), tmp_path, "strategy.reference")
+    (tmp_path / "run.json").write_text("{}")                   # a run stopped before its first checkpoint
+    with pytest.raises(ValueError, match="was the run stopped before its first checkpoint"):
+        source_model_node(tmp_path)
+
+
 def run_with_tokenizer(smoke_run, folder, tokenizer):
     """A copy of the smoke run's checkpoint whose config.yaml records `tokenizer` (weights: the byte model's)."""
     shutil.copytree(smoke_run / "checkpoints" / "step_000008", folder / "checkpoints" / "latest")

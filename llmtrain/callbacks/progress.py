@@ -3,7 +3,9 @@ reward, and the number of updates skipped for a non-finite loss, once there is o
 
 Rich draws a live bar only on a terminal; written to a file (nohup, a SLURM log) it shows its final
 state alone, at the end. So each evaluation's line is also logged (console and train.log), and off
-a terminal the step line is logged every `log_every` steps too.
+a terminal the step line is logged every `log_every` steps too. The eval figures are on the lines of
+their own step; between evaluations the live bar keeps the last ones, marked with their step
+(`eval@400 ...`), and logged step lines leave them out, since they were logged when they were new.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class RichProgress(Callback):
-    """Redraws at most `refresh_per_second`; the last eval metrics stay on the line.
+    """Redraws at most `refresh_per_second`; the last eval metrics stay on the bar, with their step.
 
     Args:
         refresh_per_second: Redraw rate of the bar.
@@ -36,7 +38,7 @@ class RichProgress(Callback):
         self.refresh_per_second = refresh_per_second
         self.log_every = log_every
         self.progress: Progress | None = None
-        self.eval_text = ""
+        self.eval_text, self.eval_step = "", 0
 
     def on_train_begin(self, trainer) -> None:
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -48,24 +50,38 @@ class RichProgress(Callback):
         self.progress.start()
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
-        if "eval/loss" in metrics:
-            self.eval_text = f" eval {metrics['eval/loss']:.3f}"
-            if "eval/rewards/accuracies" in metrics:
-                self.eval_text += f" pref {metrics['eval/rewards/accuracies']:.1%}"
-            if "eval/accuracy" in metrics:
-                self.eval_text += f" acc {metrics['eval/accuracy']:.1%}"
-        preference = f"pref {metrics['rewards/accuracies']:.0%} " if "rewards/accuracies" in metrics else ""
-        if "reward" in metrics:               # GRPO: its loss starts near 0 by construction; the reward moves
-            preference += f"reward {metrics['reward']:.3f} "
-        skipped = f" [red]{n} non-finite skipped[/]" if (n := metrics.get("nonfinite_steps")) else ""
-        text = (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
-                f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{self.eval_text}{skipped}")
-        self.progress.update(self.task, completed=trainer.step, text=text)
-        if "eval/loss" in metrics or (not self.on_terminal and trainer.step % self.every == 0):
+        text, evaluated = step_text(metrics), "eval/loss" in metrics
+        if evaluated:
+            self.eval_text, self.eval_step = eval_text(metrics), trainer.step
+            text += f" eval{self.eval_text}"
+        if evaluated or (not self.on_terminal and trainer.step % self.every == 0):
             log.info("step %d/%d: %s", trainer.step, trainer.total_steps, Text.from_markup(text).plain)
+        if self.eval_text and not evaluated:      # the bar keeps the last eval, marked with its step
+            text += f" [dim]eval@{self.eval_step}{self.eval_text}[/]"
+        self.progress.update(self.task, completed=trainer.step, text=text)
 
     def on_train_end(self, trainer) -> None:
         self.progress.stop()
 
     def on_exception(self, trainer, error: BaseException) -> None:
         self.progress.stop()                  # give the terminal back before the traceback prints
+
+
+def step_text(metrics: dict[str, float]) -> str:
+    """The training figures of one step (rich markup)."""
+    preference = f"pref {metrics['rewards/accuracies']:.0%} " if "rewards/accuracies" in metrics else ""
+    if "reward" in metrics:                   # GRPO: its loss starts near 0 by construction; the reward moves
+        preference += f"reward {metrics['reward']:.3f} "
+    skipped = f" [red]{n} non-finite skipped[/]" if (n := metrics.get("nonfinite_steps")) else ""
+    return (f"loss {metrics['loss']:.3f} {preference}lr {metrics['lr']:.2e} "
+            f"{metrics['tokens_per_s'] / 1000:.1f}k tok/s{skipped}")
+
+
+def eval_text(metrics: dict[str, float]) -> str:
+    """The held-out figures of an evaluation step, after the word "eval"."""
+    text = f" {metrics['eval/loss']:.3f}"
+    if "eval/rewards/accuracies" in metrics:
+        text += f" pref {metrics['eval/rewards/accuracies']:.1%}"
+    if "eval/accuracy" in metrics:
+        text += f" acc {metrics['eval/accuracy']:.1%}"
+    return text

@@ -139,7 +139,8 @@ class GQAttention(nn.Module):
 
 def _default_head_dim(dim: int, n_heads: int) -> int:
     if n_heads <= 0 or dim % n_heads != 0:
-        raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}; set head_dim explicitly")
+        raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}; set head_dim explicitly "
+                         "(+model.attention.head_dim=<n>: an even width per head)")
     return dim // n_heads
 
 

@@ -147,3 +147,15 @@ def test_cli_trains_loadable_files_and_refuses_an_existing_folder(tmp_path, caps
     assert cli.main(["tokenizer", "train", *paths, "--vocab-size", "350", "--out", str(tmp_path / "t2"),
                      "--special-tokens", "<pad>"]) == 2
     assert "<eos> is required" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_corpus_without_text_and_warns_about_an_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"messages": [{"role": "user", "content": " "}]}\n')
+    empty = [str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")]
+    assert cli.main(["tokenizer", "train", *empty, "--vocab-size", "300", "--out", str(tmp_path / "t1")]) == 2
+    assert f"no text in {', '.join(empty)}: nothing to learn a vocabulary from" in capsys.readouterr().err
+    assert not (tmp_path / "t1").exists()
+    paths = [str(p) for p in write_corpus(tmp_path)]
+    assert cli.main(["tokenizer", "train", empty[0], *paths, "--vocab-size", "300", "--out", str(tmp_path / "t2")]) == 0
+    assert f"warning: no text in {empty[0]}\n" in capsys.readouterr().err

@@ -146,6 +146,18 @@ def test_cli_writes_shards_and_refuses_an_existing_folder(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_corpus_without_text_and_warns_about_an_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    empty = [str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")]
+    assert cli.main(["tokenize", *empty, "--out", str(tmp_path / "s1")]) == 2
+    assert f"no text in {', '.join(empty)}: nothing to tokenize" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()
+    paths = [str(p) for p in write_corpus(tmp_path)]
+    assert cli.main(["tokenize", empty[0], *paths, "--out", str(tmp_path / "s2")]) == 0
+    assert f"warning: no text in {empty[0]}\n" in capsys.readouterr().err
+
+
 def test_data_shards_trains_three_steps(tmp_path):
     write_shards(write_corpus(tmp_path), tmp_path / "shards", ByteTokenizer(), "byte")
     cfg = compose_cfg("data=shards", f"data.path={tmp_path / 'shards'}", *SMOKE, "trainer.max_steps=3",

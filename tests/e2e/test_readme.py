@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from llmtrain.data.formats import preference_messages
+from llmtrain.data.records import RecordError
 from tests.conftest import REPO
 from tests.e2e.test_cli import rows, run_cli
 
@@ -44,6 +46,14 @@ def test_the_readme_opens_with_the_two_commands_for_a_fresh_machine():
     assert second.endswith("&& python -m pytest") and ".[test]" in second
     test_command = second.split(". .venv/bin/activate && ", 1)[1]
     assert test_command in (REPO / ".ci" / "run").read_text().splitlines()      # CI runs it verbatim
+
+
+def test_readme_quotes_the_message_of_a_null_preference_field():
+    quoted = re.search(r"\(`(pairs\.jsonl:17: .*?)`", " ".join(README.split())).group(1)
+    start, end = quoted.split(" ..., ")                        # the README shortens the list of shapes
+    with pytest.raises(RecordError) as error:
+        preference_messages("pairs.jsonl:17", {"prompt": "2+2?", "chosen": "4", "rejected": None})
+    assert str(error.value).startswith(start) and str(error.value).endswith(end), str(error.value)
 
 
 def test_readme_run_commands_are_found():

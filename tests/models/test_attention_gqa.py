@@ -81,7 +81,7 @@ def test_explicit_head_dim_and_rope_dim():
     "kwargs, message",
     [
         (dict(dim=48, n_heads=6, n_kv_heads=4), "n_heads=6 is not divisible by n_kv_heads=4"),
-        (dict(dim=30, n_heads=4), "dim=30 is not divisible by n_heads=4"),
+        (dict(dim=30, n_heads=4), r"dim=30 is not divisible by n_heads=4; .*\+model.attention.head_dim=<n>"),
         (dict(dim=32, n_heads=4, head_dim=7), "head_dim=7"),
         (dict(dim=32, n_heads=4, n_kv_heads=0), "n_kv_heads=0"),
     ],
