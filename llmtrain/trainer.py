@@ -2,14 +2,14 @@
 
 The loop never branches on the strategy. Each optimizer step consumes a window of
 `accumulation_steps` micro-batches: each is moved to the device and given to `strategy.prepare`
-(identity, or GRPO's rollouts) before the first forward, then every micro-batch loss is divided by
-the number of loss items in the whole prepared window (SPECS 4.2), so a window is exactly one large
-batch. Auxiliary losses that
-model modules record during a training forward (the MoE balance loss) are collected after each
-micro-batch, divided by the window length (they are per-sequence means) and added to that
-micro-batch's loss; the logged `loss` includes them and `aux_loss` reports their window mean
-(evaluation adds none). Hooks, in order:
-on_train_begin, on_epoch_begin, on_step_begin, on_batch_begin, on_batch_end,
+(identity, or GRPO's rollouts) before the first forward, the prepared window goes to
+`strategy.prepare_window` (statistics of the whole window over the ranks, e.g. GRPO's batch reward
+std), then every micro-batch loss is divided by the number of loss items in the whole prepared
+window (SPECS 4.2), so a window is exactly one large batch. Auxiliary losses that model modules
+record during a training forward (the MoE balance loss) are collected after each micro-batch,
+divided by the window length (they are per-sequence means) and added to that micro-batch's loss;
+the logged `loss` includes them and `aux_loss` reports their window mean (evaluation adds none).
+Hooks, in order: on_train_begin, on_epoch_begin, on_step_begin, on_batch_begin, on_batch_end,
 on_before_optimizer_step, on_step_end, on_epoch_end, on_train_end (or on_exception, when the loop
 raises, Ctrl-C included).
 
@@ -212,6 +212,7 @@ class Trainer:
         """One optimizer step over a window of micro-batches."""
         start = time.perf_counter()
         window = [self._prepare(batch, self.step) for batch in window]   # all before any update (rollouts)
+        window = self.strategy.prepare_window(window, self.hardware.all_reduce_sum)   # window-wide statistics
         num_items = self.hardware.all_reduce_sum(sum(self.strategy.num_items(batch) for batch in window))  # global
         totals: dict[str, Tensor] = {}
         tokens = 0
@@ -301,6 +302,7 @@ class Trainer:
         """Held-out loss (one window over the eval batches) plus the data's task metrics."""
         self.model.eval()
         batches = [self._prepare(batch, None) for batch in islice(self.data.eval_batches(), self.eval_batches)]
+        batches = self.strategy.prepare_window(batches, _local_sum)         # local, as its num_items
         num_items = sum(self.strategy.num_items(batch) for batch in batches)
         totals: dict[str, Tensor] = {}
         for batch in batches:
@@ -341,6 +343,11 @@ def _step_quietly(scheduler: LRScheduler) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
+
+
+def _local_sum(value: Tensor) -> Tensor:
+    """The evaluation's `all_reduce_sum`: each rank evaluates its own batches alone."""
+    return value
 
 
 def _accumulate(totals: dict[str, Tensor], values: dict[str, Tensor]) -> None:

@@ -136,6 +136,31 @@ def test_logged_loss_is_the_token_mean_of_the_window():
     assert abs(trainer.fit()["loss"] - want.item()) < 1e-5
 
 
+class WindowSeen(NextToken):
+    """Records the prepare_window calls; the loss must get the batches they return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, object]] = []
+
+    def prepare_window(self, batches, all_reduce_sum):
+        self.calls.append((len(batches), all_reduce_sum))
+        return [{**batch, "window": torch.tensor(len(batches))} for batch in batches]
+
+    def loss(self, model, batch, num_items):
+        assert "window" in batch
+        return super().loss(model, batch, num_items)
+
+
+def test_each_prepared_window_goes_through_prepare_window_once_reduced_over_ranks_in_training_only():
+    trainer = make_trainer(1, 2, max_steps=2, eval_every=2)
+    trainer.strategy = strategy = WindowSeen()
+    trainer.fit()
+    assert [n for n, _ in strategy.calls] == [2, 2, 4]                 # two training windows, one evaluation
+    assert all(reduce == trainer.hardware.all_reduce_sum for _, reduce in strategy.calls[:2])
+    assert strategy.calls[2][1] != trainer.hardware.all_reduce_sum       # evaluation is local
+
+
 def test_scheduler_steps_once_per_window():
     trainer = make_trainer(1, 2)
     trainer.total_steps = 2                       # 4 micro-batches, 2 windows

@@ -2,7 +2,9 @@
 
 A strategy owns only its method's math. For each optimizer step the loop first gives every
 micro-batch of the window to `prepare` (identity, except for on-policy methods: GRPO samples its
-completions there), then asks how many loss items each prepared batch holds (target tokens for
+completions there), then gives the prepared window to `prepare_window` (identity, except where the
+loss needs statistics of the whole generation batch, over every micro-batch and rank: GRPO's
+scale_rewards="batch"), then asks how many loss items each prepared batch holds (target tokens for
 SEQ/SFT, pairs for DPO, completions or completion tokens for GRPO), so that an accumulation window
 is normalised as one large batch (SPECS 4.2), then calls `loss` on each micro-batch with the
 window's total. Strategies subclass `Strategy` explicitly to inherit the identity `prepare`.
@@ -10,6 +12,7 @@ window's total. Strategies subclass `Strategy` explicitly to inherit the identit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from torch import Tensor, nn
@@ -31,6 +34,15 @@ class Strategy(Protocol):
         every micro-batch of a window before the first `loss` of that window, with the same weights.
         """
         return batch
+
+    def prepare_window(self, batches: list[dict[str, Tensor]],
+                       all_reduce_sum: Callable[[Tensor], Tensor]) -> list[dict[str, Tensor]]:
+        """The window's batches after every `prepare`, given what only the whole window shows.
+
+        `all_reduce_sum` sums a tensor over the ranks (the hardware's in training, the identity in
+        the local evaluation); every rank calls this once per window. Return new dicts rather than
+        writing into the prepared ones, which may be buffered rollouts that checkpoints keep."""
+        return batches
 
     def num_items(self, batch: dict[str, Tensor]) -> int:
         """Loss items (e.g. target tokens after the shift) in one micro-batch."""

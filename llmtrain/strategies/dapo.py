@@ -6,8 +6,9 @@ why the loop prepares a whole window before its first forward), so long completi
 down-weighted as in GRPO's per-completion mean. Clip-higher (clip_eps_high = 0.28 > clip_eps) is
 a value, not a class, and so is dynamic sampling (`filter_groups`, GRPO's docstring; without
 refill), and so is overlong filtering (`mask_truncated_completions`: completions cut at max_new_tokens
-without EOS are left out of the loss and of the token count). The soft overlong punishment is a
-reward on token counts, which the reward interface (texts) does not see; it is not implemented.
+without EOS are left out of the loss and of the token count). The soft overlong punishment (eq. 13)
+is a reward on the completion's token count, llmtrain.strategies.rewards.OverlongPenalty, added to
+strategy.rewards (conf/strategy/dapo.yaml shows how).
 """
 
 from __future__ import annotations

@@ -1,8 +1,18 @@
 """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300; SPECS 4.4).
 
 For each prompt, G completions are sampled and scored (llmtrain.strategies.rollout); each
-completion's advantage is its summed reward standardised within its group,
-A_i = (r_i - mean_g r) / (std_g r + 1e-4) (unbiased std). Per completion token, with
+completion's advantage is its summed reward centred on its group's mean and scaled as
+`scale_rewards` says (SPECS 4.4.1; unbiased stds, TRL's option of that name):
+
+    A_i = (r_i - mean_g r) / (std_g r + 1e-4)      "group" (DeepSeekMath; the default)
+    A_i = (r_i - mean_g r) / (std_W r + 1e-4)      "batch": the std of every completion sampled in the
+                                                   window (the generation batch), over all ranks
+    A_i =  r_i - mean_g r                          "none" (Dr. GRPO, llmtrain.strategies.dr_grpo)
+
+The batch std needs the whole window, which one micro-batch's loss does not see: `prepare_window`
+all-reduces the count, sum and sum of squares of the window's rewards once and hands each batch the
+std as `batch_reward_std` (in new dicts: a buffered rollout, and so a checkpoint, never holds it;
+it is recomputed from the same rewards when the rollout is reused). Per completion token, with
 ratio = exp(logp - old_logp) and log-probs of softmax(logits / temperature):
 
     per_token = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A) + kl_coef k3
@@ -12,12 +22,12 @@ GRPO averages the tokens of each completion, then the completions of the window 
 divides its sum of per-completion means by the window's completion count). A fresh rollout's
 old_logp is logp.detach() (ratio 1 in value); a reused one (num_iterations > 1) uses the
 log-probs stored at generation time. Variants whose math differs subclass one piece: DAPO
-(llmtrain.strategies.dapo) the aggregation, DrGRPO (llmtrain.strategies.dr_grpo) the advantages
-and the aggregation. The reference is a frozen copy of the starting policy (none when
-kl_coef = 0), overwritten with the policy's weights at every step that is a positive multiple of
-`sync_interval`. After its first sync it is no longer the starting policy, so checkpoints from then
-on also hold it (strategy.safetensors, with the rollouts buffered for num_iterations > 1): resume
-is exact from any step.
+(llmtrain.strategies.dapo) the aggregation, DrGRPO (llmtrain.strategies.dr_grpo) the aggregation
+(with scale_rewards="none" by default). The reference is a frozen copy of the starting policy
+(none when kl_coef = 0), overwritten with the policy's weights at every step that is a positive
+multiple of `sync_interval`. After its first sync it is no longer the starting policy, so
+checkpoints from then on also hold it (strategy.safetensors, with the rollouts buffered for
+num_iterations > 1): resume is exact from any step.
 
 GSPO (Zheng et al. 2025, arXiv:2507.18071; `importance_sampling_level="sequence"`, TRL's option of
 that name) clips one ratio per completion, the exponential of its mean token log-ratio,
@@ -40,7 +50,8 @@ finished answer; with the option on, its whole mask is zeroed in the loss (and i
 count), while the metrics still describe it. `truncated` logs the share of such completions.
 
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
-group std of that reward: 0 means no group carried a learning signal), `rewards/<name>` (mean raw
+group std of that reward: 0 means no group carried a learning signal), `frac_reward_zero_std` (the
+share of groups whose G rewards are all equal, hence zero advantage), `rewards/<name>` (mean raw
 reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
 mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included),
 `clip_ratio` (fraction of completion tokens whose clipped term is active: ratio < 1 - clip_eps with
@@ -59,7 +70,7 @@ replays them through the current gates, the reference scores plain tokens, and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +79,9 @@ from llmtrain.strategies.base import Strategy
 from llmtrain.strategies.dpo import FrozenReference
 from llmtrain.strategies.rewards import RewardFn, reward_name
 from llmtrain.strategies.rollout import Rollouts, completion_logps, plain_tokens
+
+
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 def group_advantages(rewards_BG: Tensor, eps: float = 1e-4) -> Tensor:
@@ -101,8 +115,11 @@ class GRPO(Strategy):
     """Group-relative clipped policy gradient on sampled completions; see the module docstring.
 
     Args:
-        rewards: reward callables `fn(prompts, completions, answers) -> list[float]` (strategies/rewards.py).
+        rewards: reward callables `fn(prompts, completions, answers[, completion_ids]) -> list[float]`
+            (strategies/rewards.py).
         reward_weights: one weight per reward function (None: all 1); the reward is the weighted sum.
+        scale_rewards: what divides the group-centred reward: "group" (its group's std), "batch" (the
+            std of the window's rewards over all ranks) or "none" (Dr. GRPO); see the module docstring.
         group_size: G completions per prompt, >= 2 (the group std needs two).
         max_new_tokens, temperature: sampling settings (temperature also divides the loss's logits).
         clip_eps, clip_eps_high: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (None: clip_eps).
@@ -121,8 +138,9 @@ class GRPO(Strategy):
     format = "prompts"
 
     def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
-                 group_size: int = 4, max_new_tokens: int = 16, temperature: float = 1.0, clip_eps: float = 0.2,
-                 clip_eps_high: float | None = None, kl_coef: float = 0.01, sync_interval: int | None = 200,
+                 scale_rewards: str = "group", group_size: int = 4, max_new_tokens: int = 16,
+                 temperature: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                 kl_coef: float = 0.01, sync_interval: int | None = 200,
                  num_iterations: int = 1, filter_groups: bool = False, mask_truncated_completions: bool = False,
                  importance_sampling_level: str = "token", share_prompt: bool = True, seed: int = 0) -> None:
         clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -133,7 +151,10 @@ class GRPO(Strategy):
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"strategy.importance_sampling_level={importance_sampling_level!r} must be "
                              "'token' (GRPO) or 'sequence' (GSPO)")
-        self.sequence_level = importance_sampling_level == "sequence"
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"strategy.scale_rewards={scale_rewards!r} must be 'group' (each group's std), "
+                             "'batch' (the std of the whole generation batch) or 'none' (Dr. GRPO: no scaling)")
+        self.sequence_level, self.scale_rewards = importance_sampling_level == "sequence", scale_rewards
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
         self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
@@ -167,6 +188,26 @@ class GRPO(Strategy):
             varied_B[0] = True
         rows = varied_B.repeat_interleave(self.group_size)
         return {**{k: v[rows] for k, v in rollout.items()}, "sampled_rewards": rollout["rewards"]}
+
+    def prepare_window(self, batches: list[dict[str, Tensor]],
+                       all_reduce_sum: Callable[[Tensor], Tensor]) -> list[dict[str, Tensor]]:
+        """With scale_rewards="batch", each batch plus `batch_reward_std` (0-d): the unbiased std of the
+        weighted rewards of every completion sampled in the window on every rank (filtered groups
+        included: the std is the generation batch's), from one all-reduce of (n, sum r, sum r^2)."""
+        if self.scale_rewards != "batch":
+            return batches
+        moments = torch.stack([self.sampled_moments(batch) for batch in batches]).sum(0)
+        n, total, squares = all_reduce_sum(moments).unbind()
+        std = ((squares - total * total / n) / (n - 1)).clamp(min=0).sqrt().float()
+        return [{**batch, "batch_reward_std": std} for batch in batches]
+
+    def sampled_moments(self, batch: dict[str, Tensor]) -> Tensor:
+        """(count, sum, sum of squares) of the weighted rewards of the batch's sampled completions, in
+        float64 against the cancellation in sum r^2 - (sum r)^2 / n (float32 on MPS, which has no float64)."""
+        rewards_BK = batch.get("sampled_rewards", batch["rewards"])
+        dtype = torch.float32 if rewards_BK.device.type == "mps" else torch.float64
+        reward_B = rewards_BK.to(dtype) @ self.weights_K.to(rewards_BK.device, dtype)
+        return torch.stack([reward_B.new_tensor(len(reward_B)), reward_B.sum(), reward_B.square().sum()])
 
     def state_dict(self) -> dict[str, Tensor]:
         """The reference once it was synced (the starting policy is rebuilt by `setup`), its sync step,
@@ -205,16 +246,17 @@ class GRPO(Strategy):
         old_logp_BN = batch["old_logp"] if "old_logp" in batch else logp_BN.detach()
         weights_K = self.weights_K.to(mask_BN.device)
         reward_B = batch["rewards"] @ weights_K
-        advantages_B = self.advantages(reward_B.view(-1, self.group_size)).flatten()
+        advantages_B = self.advantages(reward_B.view(-1, self.group_size), batch.get("batch_reward_std")).flatten()
         loss_mask_BN = self.loss_mask(batch)
         per_token_BN, clipped_BN = clipped_objective(logp_BN, old_logp_BN, advantages_B, self.clip_low,
                                                      self.clip_high, loss_mask_BN if self.sequence_level else None)
         sampled_BK = batch.get("sampled_rewards", batch["rewards"])      # all sampled groups, filtered or not
-        sampled_B = sampled_BK @ weights_K
-        metrics = {"reward": sampled_B.sum(), "reward_std": sampled_B.view(-1, self.group_size).std(-1).sum(),
+        sampled_BG = (sampled_BK @ weights_K).view(-1, self.group_size)
+        metrics = {"reward": sampled_BG.sum(), "reward_std": sampled_BG.std(-1).sum(),
+                   "frac_reward_zero_std": (sampled_BG == sampled_BG[:, :1]).all(-1).float().sum(),
                    **{f"rewards/{n}": r.sum() for n, r in zip(self.names, sampled_BK.unbind(-1))},
                    "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
-                   "sampled": mask_BN.new_tensor(len(sampled_B)), "completion_tokens": mask_BN.sum()}
+                   "sampled": mask_BN.new_tensor(sampled_BG.numel()), "completion_tokens": mask_BN.sum()}
         if "truncated" in batch:
             metrics["truncated"] = batch["truncated"].float().sum()
         if "thinking_mask" in batch:
@@ -231,8 +273,18 @@ class GRPO(Strategy):
             metrics["kl"] = (kl_BN.detach() * mask_BN).sum()
         return self.aggregate(per_token_BN, loss_mask_BN, num_items), metrics
 
-    def advantages(self, rewards_BG: Tensor) -> Tensor:
-        return group_advantages(rewards_BG)
+    def advantages(self, rewards_BG: Tensor, batch_std: Tensor | None = None) -> Tensor:
+        """(B, G): r - group mean, divided by (the std that scale_rewards names + 1e-4); `batch_std` is
+        `prepare_window`'s, needed with "batch" only."""
+        if self.scale_rewards == "group":
+            return group_advantages(rewards_BG)
+        centred_BG = rewards_BG - rewards_BG.mean(-1, keepdim=True)
+        if self.scale_rewards == "none":
+            return centred_BG
+        if batch_std is None:
+            raise ValueError("strategy.scale_rewards='batch' needs the window's reward std: call "
+                             "prepare_window on the prepared window before loss (the Trainer does)")
+        return centred_BG / (batch_std + 1e-4)
 
     def aggregate(self, per_token_BN: Tensor, mask_BN: Tensor, num_items: int) -> Tensor:
         """Per-completion token mean, summed and divided by the window's completions."""
@@ -247,8 +299,10 @@ class GRPO(Strategy):
         kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
         if "truncated" in totals:
             totals["truncated"] /= completions
+        groups = sampled / self.group_size
         return {**totals, **per_sample, **per_token, **kept, "completion_length": tokens / completions,
-                "reward_std": totals["reward_std"] / (sampled / self.group_size)}
+                "reward_std": totals["reward_std"] / groups,
+                "frac_reward_zero_std": totals["frac_reward_zero_std"] / groups}
 
 
 def _validate(names: list[str], weights: list[float], group_size: int, max_new_tokens: int, temperature: float,

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.generate import generate
-from llmtrain.strategies.rewards import RewardFn, reward_name
+from llmtrain.strategies.rewards import RewardFn, reward_name, wants_completion_ids
 from llmtrain.thinking_decode import thinking_decoder
 
 THINKING_KEYS = ("thinking_latents", "thinking_mask")
@@ -162,6 +162,7 @@ class Rollouts:
     def __init__(self, rewards: Sequence[RewardFn], group_size: int, max_new_tokens: int, temperature: float,
                  num_iterations: int, seed: int) -> None:
         self.rewards, self.group_size = list(rewards), group_size
+        self.wants_ids = [wants_completion_ids(fn) for fn in self.rewards]   # read once, not per call
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.num_iterations, self.seed = num_iterations, seed
         self.tokenizer: Any = None
@@ -226,25 +227,28 @@ class Rollouts:
         finally:
             model.train(was_training)
         mask_BN = completion_mask(out.tokens_BN, self.tokenizer.eos_id)
-        completions = [completion_text(self.tokenizer, row[:n])
-                       for row, n in zip(out.tokens_BN.tolist(), mask_BN.sum(-1).tolist())]
+        completion_ids = [row[:n] for row, n in zip(out.tokens_BN.tolist(), mask_BN.sum(-1).tolist())]  # EOS kept
+        completions = [completion_text(self.tokenizer, ids) for ids in completion_ids]
         rollout = {"input_ids": torch.cat([out.prompt_ids_BP, out.tokens_BN], 1),
                    "attention_mask": torch.cat([out.prompt_mask_BP, torch.ones_like(out.tokens_BN)], 1),
                    "completion_mask": mask_BN, "truncated": ~(out.tokens_BN == self.tokenizer.eos_id).any(-1),
                    "old_logp": out.logprobs_BN * mask_BN,
-                   "rewards": self.score(prompts, answers, completions).to(mask_BN.device)}
+                   "rewards": self.score(prompts, answers, completions, completion_ids).to(mask_BN.device)}
         if out.latents_BND is not None:
             rollout |= {"thinking_latents": out.latents_BND, "thinking_mask": out.thinking_BN & mask_BN.bool()}
         return rollout
 
-    def score(self, prompts: list[list[int]], answers: list[list[int]], completions: list[str]) -> Tensor:
-        """(BG, K) raw rewards: each function called once on every completion of the rollout."""
+    def score(self, prompts: list[list[int]], answers: list[list[int]], completions: list[str],
+              completion_ids: list[list[int]]) -> Tensor:
+        """(BG, K) raw rewards: each function called once on every completion of the rollout, with the
+        completions' token ids too if it takes them (llmtrain.strategies.rewards)."""
         G = self.group_size
         prompt_texts = [self.tokenizer.decode(p) for p in prompts for _ in range(G)]
         answer_texts = [self.tokenizer.decode(a) for a in answers for _ in range(G)]
         columns = []
-        for fn in self.rewards:
-            values = [float(v) for v in fn(prompt_texts, completions, answer_texts)]
+        for fn, wants_ids in zip(self.rewards, self.wants_ids):
+            ids = {"completion_ids": completion_ids} if wants_ids else {}
+            values = [float(v) for v in fn(prompt_texts, completions, answer_texts, **ids)]
             if len(values) != len(completions):
                 raise ValueError(f"reward function {fn!r} returned {len(values)} values for {len(completions)} "
                                  "completions")

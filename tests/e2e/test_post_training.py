@@ -202,6 +202,21 @@ def test_grpo_resume_is_bit_exact_from_any_step(every_steps, tmp_path):
     assert any(k.startswith("buffer/0/") for k in kept)
 
 
+def test_a_batch_scaled_grpo_run_resumes_bit_exact_mid_cycle(tmp_path):
+    """scale_rewards=batch: the window's std is recomputed from the restored rollouts, never stored."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import SMOKE as IN_PROCESS
+
+    common = [*IN_PROCESS, *GRPO_RUN, "trainer.max_steps=8", "trainer.accumulation_steps=2", "trainer.eval_every=4",
+              "strategy.scale_rewards=batch", "strategy.num_iterations=2", "callbacks.checkpoint.every_steps=5",
+              "strategy.rewards=[{_target_:tests.strategies.test_grpo.distinct_chars,_partial_:true}]"]   # varies
+    straight, split = straight_and_resumed(common, tmp_path)
+    assert straight == split and len(straight) == 8 and "frac_reward_zero_std" in straight[-1]
+    kept = load_file(tmp_path / "split/checkpoints/step_000005/strategy.safetensors")
+    assert any(k.startswith("buffer/0/1/") for k in kept) and not any("batch_reward_std" in k for k in kept)
+
+
 def test_a_resume_refuses_an_optimizer_override_it_could_not_apply(tmp_path):
     from llmtrain.entry import train
     from tests.conftest import SMOKE as IN_PROCESS
@@ -273,3 +288,19 @@ def test_llmtrain_generate_decodes_an_hrpo_checkpoint_with_latent_thinking(hrpo_
                         decode(self, *args))
     assert generate.main([str(hrpo_run), "--prompt", "1+1=", "--max-new-tokens", "4"]) == 0
     assert calls == ["<answer>"] and capsys.readouterr().out
+
+
+def test_dapo_with_the_soft_overlong_punishment_and_batch_scaling_through_the_cli(tmp_path):
+    """README's DAPO recipe: OverlongPenalty listed in strategy.rewards (its max_length the strategy's
+    max_new_tokens), advantages scaled by the window's std."""
+    rewards = ("strategy.rewards=[{_target_:llmtrain.strategies.rewards.Accuracy},"
+               "{_target_:llmtrain.strategies.rewards.OverlongPenalty,max_length:${strategy.max_new_tokens},"
+               "cache_length:4}]")
+    dapo = ["strategy=dapo" if arg == "strategy=grpo" else arg for arg in GRPO_RUN]
+    result = run_cli(*SMOKE, *dapo, rewards, "strategy.scale_rewards=batch",
+                     "trainer.accumulation_steps=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    logged = rows(tmp_path)
+    assert all({"rewards/accuracy", "rewards/overlong", "frac_reward_zero_std"} <= set(row) for row in logged)
+    assert all(-1 <= row["rewards/overlong"] <= 0 and math.isfinite(row["loss"]) for row in logged)
+    assert any(row["rewards/overlong"] < 0 for row in logged)       # random weights ramble into the ramp
