@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from llmtrain.data.tokenizer import decode_sampled
 from llmtrain.models.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -413,5 +414,5 @@ def main(argv: Sequence[str]) -> int:
     for i, (text, ids) in enumerate(zip(args.prompt, result.completions())):
         if len(args.prompt) > 1:
             print(f"=== prompt {i}: {text!r}")
-        print(tokenizer.decode(ids))
+        print(decode_sampled(tokenizer, ids))
     return 0

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from llmtrain.data.tokenizer import decode_sampled
 from llmtrain.generate import Sampler, all_finished, prefill, ranks_decode_together, token_logprobs
 
 
@@ -68,7 +69,7 @@ def thinking_decoder(model: nn.Module, tokenizer: Any) -> ThinkingDecoder | None
     thinking = getattr(getattr(model, "module", model), "thinking", None)     # through a DDP wrapper
     if thinking is None:
         return None
-    return ThinkingDecoder(thinking.answer_marker, lambda ids: tokenizer.decode(ids, skip_special=False),
+    return ThinkingDecoder(thinking.answer_marker, lambda ids: decode_sampled(tokenizer, ids, skip_special=False),
                            thinking.latent_temperature)
 
 

@@ -44,7 +44,7 @@ from llmtrain.data.padded import PaddedBatches
 from llmtrain.data.splits import Splits, check_sizes
 from llmtrain.data.synthetic import (DEFAULT_TASKS, LANGUAGES, Example, check_choices, question,
                                      split_examples)
-from llmtrain.data.tokenizer import ByteTokenizer
+from llmtrain.data.tokenizer import ByteTokenizer, decode_sampled
 from llmtrain.generate import greedy_decode
 from llmtrain.thinking_decode import thinking_decoder
 
@@ -235,8 +235,7 @@ class BuiltinTask(Splits):
                                     thinking=thinking_decoder(model, self.tokenizer))   # HRPO: as trained
         finally:
             model.train(was_training)
-        known = self.tokenizer.vocab_size     # a model with padding rows past the tokenizer may pick one
-        return [(e, self.tokenizer.decode([i for i in ids if i < known]).strip()) for e, ids in zip(examples, outputs)]
+        return [(e, decode_sampled(self.tokenizer, ids).strip()) for e, ids in zip(examples, outputs)]
 
     def task_metrics(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
         """Exact-match accuracy of greedy answers: `accuracy` and `accuracy/<lang>` per language."""

@@ -9,12 +9,24 @@ millions of bytes at setup.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 # <|system|> ... </think> are reserved for the chat and latent-reasoning formats.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>")
 BYTE_OFFSET = len(SPECIAL_TOKENS)
+
+
+def decode_sampled(tokenizer: Any, ids: Sequence[int], skip_special: bool = True) -> str:
+    """Text of sampled `ids`, those past the tokenizer's vocabulary dropped.
+
+    A model's embedding may have rows no token owns (model.vocab_size above the tokenizer's, as in
+    many Hugging Face checkpoints, padded to a multiple of 64 or 128); sampling can draw one, and it
+    has no text. transformers' decode drops such ids too; `decode` itself refuses them, since in
+    data they mean a tokenizer mismatch."""
+    known = tokenizer.vocab_size
+    return tokenizer.decode([i for i in ids if i < known], skip_special=skip_special)
 
 
 class ByteTokenizer:

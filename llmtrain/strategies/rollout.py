@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llmtrain.data.chat import IGNORE_INDEX
+from llmtrain.data.tokenizer import decode_sampled
 from llmtrain.generate import generate
 from llmtrain.strategies.rewards import RewardFn, reward_name, wants_completion_ids
 from llmtrain.thinking_decode import thinking_decoder
@@ -72,8 +73,8 @@ def completion_text(tokenizer: Any, ids: Sequence[int]) -> str:
     Ids past the tokenizer (a model whose embedding has padding rows, as many Hugging Face
     checkpoints do) have no text and are dropped, as transformers' decode drops them; sampling one
     must not end the run."""
-    framing, known = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}, tokenizer.vocab_size
-    return tokenizer.decode([i for i in ids if i not in framing and i < known], skip_special=False)
+    framing = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
+    return decode_sampled(tokenizer, [i for i in ids if i not in framing], skip_special=False)
 
 
 def completion_logps(model: nn.Module, batch: dict[str, Tensor], temperature: float, group_size: int = 1) -> Tensor:

@@ -40,3 +40,13 @@ def test_a_cut_multibyte_character_decodes_as_replacement():
 def test_an_id_outside_the_vocabulary_is_named():
     with pytest.raises(ValueError, match="264"):
         ByteTokenizer().decode([5, 264])
+
+
+def test_sampled_ids_past_the_vocabulary_have_no_text():
+    from llmtrain.data.tokenizer import decode_sampled
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo", bos=True) + [tok.vocab_size, tok.vocab_size + 35]     # padding rows of a model
+    with pytest.raises(ValueError, match="token ids must be in"):
+        tok.decode(ids)                               # in data they mean a tokenizer mismatch
+    assert decode_sampled(tok, ids) == "héllo"
+    assert decode_sampled(tok, ids, skip_special=False) == "<bos>héllo"

@@ -141,3 +141,22 @@ def test_a_path_without_checkpoint_fails_with_one_line_naming_it(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert str(tmp_path) in result.stderr and "no checkpoint" in result.stderr
+
+
+def test_ids_past_the_tokenizer_are_dropped_from_the_printed_text(varied, tmp_path):
+    """A model with embedding rows no token owns (model.vocab_size above the tokenizer's, as many HF
+    checkpoints pad it) can sample one: it has no text, and the command must not fail on it."""
+    step = shutil.copytree(varied, tmp_path / "step")
+    config = OmegaConf.load(step / "config.yaml")
+    config.model.vocab_size = 300
+    OmegaConf.save(config, step / "config.yaml")
+    state = load_file(step / "model.safetensors")
+    embed = state["embed.weight"]                     # tied: the output rows too
+    state["embed.weight"] = torch.cat([embed, 3 * embed[8:44]])   # each padding row outscores its byte
+    save_file(state, step / "model.safetensors")
+    model, tokenizer, _ = load_checkpoint_model(step)
+    ids = argmax_continuation(model, tokenizer.encode("abc", bos=True), 6, tokenizer.eos_id)
+    assert any(i >= tokenizer.vocab_size for i in ids)         # the greedy path meets a padding row
+    result = llmtrain("generate", str(step), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed(tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]))

@@ -187,3 +187,15 @@ def test_an_hrpo_model_decodes_greedily_at_the_strategys_temperature(option, tmp
     cfg = compose_cfg("strategy=grpo", f"model/thinking={option}", "strategy.temperature=0.5",
                       f"paths.output_dir={tmp_path}")
     assert instantiate(cfg.model.thinking)(dim=8).latent_temperature == 0.5
+
+
+def test_hrpo_decoding_reads_past_sampled_padding_rows():
+    """The answer watch decodes each row's recent tokens: an id no token owns (a model whose
+    vocab_size exceeds the tokenizer's) has no text there, instead of failing the rollout."""
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=300, dim=32, n_layers=2, attention=functools.partial(GQAttention, n_heads=4),
+                        ffn=SwiGLU, thinking=ThinkingResidual).eval()
+    prompts = [TOKENIZER.encode(t, bos=True) for t in ("12+30=", "hello there")]
+    out = generate(model, prompts, 24, TOKENIZER.eos_id, TOKENIZER.pad_id, temperature=1.0, seed=3,
+                   thinking=thinking_decoder(model, TOKENIZER))
+    assert (out.tokens_BN >= TOKENIZER.vocab_size).any()      # random weights draw padding rows
