@@ -270,15 +270,23 @@ def check_lengths(cfg: DictConfig, model: Any, strategy: Any) -> None:
 def check_optimizer_and_scheduler(cfg: DictConfig, model: Any) -> None:
     """Build the optimizer and the scheduler once on the unwrapped model, to throw them away: their
     bad values (betas, groups, min_rate...) fail here, before the data and a DPO reference are
-    scored. The scheduler sees `trainer.max_steps` (or 1), and its warnings wait for the real one."""
+    scored. The scheduler sees `trainer.max_steps` (or 1), and its warnings wait for the real one;
+    the optimizer's (a group pattern that matches nothing) come from here, and the real one is quiet."""
     optimizer = instantiate(cfg.optimizer)(model.named_parameters())
-    schedulers = logging.getLogger("llmtrain.schedulers")
-    level = schedulers.level
-    schedulers.setLevel(logging.ERROR)
-    try:
+    with quiet("llmtrain.schedulers"):
         instantiate(cfg.scheduler)(optimizer, total_steps=OmegaConf.select(cfg, "trainer.max_steps") or 1)
+
+
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """Only errors from `logger` inside: an object built twice warns once."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        schedulers.setLevel(level)
+        target.setLevel(level)
 
 
 def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str, float], dict[str, Any]]:
@@ -296,7 +304,8 @@ def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str
         with hardware.autocast():                      # DPO's precomputed reference: as the loss scores the policy
             strategy.setup(model, data)                # the plain model (DPO copies it); before a resume
         model = hardware.prepare(model)                # checkpointing, compile, DDP/FSDP: in place
-        optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
+        with quiet("llmtrain.optim"):                  # its warnings came from the probe
+            optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
         make_scheduler = instantiate(cfg.scheduler)
         callbacks = [c for c in callbacks if hardware.is_rank0 or not c.rank_zero_only]
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,8 +1,11 @@
 """AdamW with parameter groups chosen by name pattern.
 
-Each group rule is `{pattern, lr?, weight_decay?}`; a parameter joins the first rule whose
-fnmatch pattern matches its name, else the default group. Tied weights appear once
-(`named_parameters` deduplicates), so the shared matrix gets exactly one setting.
+Each group rule is `{pattern, lr?, weight_decay?, optional?}`; a parameter joins the first rule
+whose fnmatch pattern matches its name, else the default group. Tied weights appear once
+(`named_parameters` deduplicates), so the shared matrix gets exactly one setting. A rule that
+matches no parameter is warned about (a misspelt pattern would otherwise leave its parameters at
+the default settings without a word), unless it is `optional: true`: meant for modules that only
+some models have, such as the shipped rules for biases and HRPO's thinking module.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-RULE_KEYS = {"pattern", "lr", "weight_decay"}
+RULE_KEYS = {"pattern", "lr", "weight_decay", "optional"}
 
 
 def _check_rule(rule: Mapping[str, Any]) -> None:
@@ -48,8 +51,10 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Se
         groups[index]["params"].append(param)
         groups[index]["names"].append(name)
     for rule, group in zip(rules, groups):
-        if not group["params"]:
-            log.debug("optimizer group pattern %r matches no parameter of this model", rule["pattern"])
+        if not group["params"] and not rule.get("optional", False):
+            log.warning("optimizer.groups pattern %r matches no parameter of this model, so its settings apply "
+                        "to nothing (names look like %r; mark the rule optional: true if it is meant for other "
+                        "models)", rule["pattern"], next(iter(n for g in groups for n in g["names"]), ""))
     return [g for g in groups if g["params"]]
 
 

@@ -115,3 +115,25 @@ def test_the_lr_metric_follows_optimizer_lr_not_the_first_rule_group():
     assert logged_group(only_rules)["lr"] == 1e-4          # no unmatched parameter: the first group
     plain = torch.optim.SGD(Tiny().parameters(), lr=0.5)   # a user's own optimizer
     assert logged_group(plain)["lr"] == 0.5
+
+
+def test_a_pattern_that_matches_nothing_is_warned_about_unless_optional(caplog):
+    rules = [{"pattern": "*atention*", "lr": 1e-4}, {"pattern": "*thinking*", "lr": 1e-4, "optional": True}]
+    with caplog.at_level("WARNING", logger="llmtrain.optim"):
+        adamw(Tiny().named_parameters(), lr=1e-3, groups=rules)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "'*atention*' matches no parameter" in warned[0] and "'embed.weight'" in warned[0]
+
+
+def test_the_shipped_groups_warn_about_nothing_on_every_model_option(caplog):
+    """The default rules for biases and HRPO's modules are optional, so a default run logs no warning."""
+    from hydra.utils import instantiate
+
+    from llmtrain.pretrained import build
+    from tests.conftest import compose_cfg
+    for overrides in ([], ["model=mla"], ["model=moe"], ["model/thinking=hrpo"], ["model/thinking=hrpo_proj"]):
+        cfg = compose_cfg(*overrides, "model.vocab_size=264", "paths.output_dir=unused")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llmtrain.optim"):
+            instantiate(cfg.optimizer)(build(cfg.model).named_parameters())
+        assert not caplog.records, (overrides, [r.getMessage() for r in caplog.records])
