@@ -7,6 +7,7 @@ need other objects get them as keyword arguments here (STYLE 2.4).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from llmtrain.checkpoint import load_checkpoint
 from llmtrain.launch import launch, under_launcher
 from llmtrain.pretrained import build, check_tokenizer, load_weights, source_model_node, stage_record
 from llmtrain.rundir import RunRecord, find_checkpoint, register_resolvers, relocate, save_resolved_config
-from llmtrain.trainer import NonFiniteError
+from llmtrain.trainer import NonFiniteError, check_settings
 
 log = logging.getLogger(__name__)
 register_resolvers()          # conf/hydra/default.yaml needs them before @hydra.main composes
@@ -277,6 +278,12 @@ def check_optimizer_and_scheduler(cfg: DictConfig, model: Any) -> None:
         instantiate(cfg.scheduler)(optimizer, total_steps=OmegaConf.select(cfg, "trainer.max_steps") or 1)
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """The trainer.* values the Trainer would refuse, refused before the data is set up (it needs the data)."""
+    known = inspect.signature(check_settings).parameters
+    check_settings(**{k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k in known})
+
+
 @contextlib.contextmanager
 def quiet(logger: str) -> Iterator[None]:
     """Only errors from `logger` inside: an object built twice warns once."""
@@ -300,6 +307,7 @@ def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str
         check_lengths(cfg, model, strategy)
         callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
         check_optimizer_and_scheduler(cfg, model)      # bad values fail before the slow setups below
+        check_trainer(cfg)
         data.setup(strategy.format)                    # an impossible pairing fails here, naming both
         with hardware.autocast():                      # DPO's precomputed reference: as the loss scores the policy
             strategy.setup(model, data)                # the plain model (DPO copies it); before a resume

@@ -89,13 +89,31 @@ class NonFiniteError(RuntimeError):
 MAX_SCALER_BACKOFFS = 50      # fp16 back-offs in a row (each halves the scale) before they count as divergence
 
 
-def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
-    """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first."""
+def check_settings(max_steps: int | None = None, epochs: int | None = None, accumulation_steps: int = 1,
+                   eval_every: int | None = None, eval_batches: int | None = None, nonfinite: str = "skip",
+                   max_nonfinite_steps: int = 10) -> None:
+    """Refuse bad trainer.* values, naming them; the Trainer's own arguments, checkable before the
+    data is set up (llmtrain.entry runs this first, with the config's values)."""
     if max_steps is None and epochs is None:
         raise ValueError("trainer.max_steps and trainer.epochs are both null: set at least one")
     for name, value in (("max_steps", max_steps), ("epochs", epochs)):
         if value is not None and value < 1:
             raise ValueError(f"trainer.{name}={value} must be >= 1 or null")
+    if accumulation_steps < 1:
+        raise ValueError(f"trainer.accumulation_steps={accumulation_steps} must be >= 1")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"trainer.eval_every={eval_every} must be >= 1 or null")
+    if eval_batches is not None and eval_batches < 1:
+        raise ValueError(f"trainer.eval_batches={eval_batches} must be >= 1 or null (null: the whole split)")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"trainer.nonfinite={nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
+    if max_nonfinite_steps < 1:
+        raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
+
+
+def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
+    """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first."""
+    check_settings(max_steps=max_steps, epochs=epochs)
     if batches_per_epoch < 1:
         raise ValueError("the training split holds no full batch: lower data.batch_size or add data")
     per_epoch = math.ceil(batches_per_epoch / accumulation_steps)   # a short last window still steps
@@ -138,16 +156,9 @@ class Trainer:
                  max_steps: int | None = None, epochs: int | None = None, accumulation_steps: int = 1,
                  eval_every: int | None = None, eval_batches: int | None = None, config_yaml: str = "",
                  nonfinite: str = "skip", max_nonfinite_steps: int = 10) -> None:
-        if accumulation_steps < 1:
-            raise ValueError(f"trainer.accumulation_steps={accumulation_steps} must be >= 1")
-        if eval_every is not None and eval_every < 1:
-            raise ValueError(f"trainer.eval_every={eval_every} must be >= 1 or null")
-        if eval_batches is not None and eval_batches < 1:
-            raise ValueError(f"trainer.eval_batches={eval_batches} must be >= 1 or null (null: the whole split)")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"trainer.nonfinite={nonfinite!r} must be one of {', '.join(NONFINITE_POLICIES)}")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
+        check_settings(max_steps=max_steps, epochs=epochs, accumulation_steps=accumulation_steps,
+                       eval_every=eval_every, eval_batches=eval_batches, nonfinite=nonfinite,
+                       max_nonfinite_steps=max_nonfinite_steps)
         self.model, self.strategy, self.data = model, strategy, data
         self.optimizer, self.hardware = optimizer, hardware
         self.callbacks = sorted(callbacks, key=lambda c: getattr(c, "runs_last", False))   # stable: config order

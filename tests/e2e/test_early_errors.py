@@ -32,6 +32,11 @@ def no_setup(monkeypatch):
     (["hardware=ddp", "hardware.nprocs=0"], r"hardware.nprocs=0 must be >= 1"),
     (["data=text", "data.paths=[{corpus}]", "data.batch_size=0"], r"data.batch_size=0 must be >= 1"),
     (["data=text", "data.paths=[{corpus}]", "data.seq_len=0"], r"data.seq_len=0 must be >= 2"),
+    (["trainer.eval_batches=0"], r"trainer.eval_batches=0 must be >= 1 or null"),
+    (["trainer.accumulation_steps=0"], r"trainer.accumulation_steps=0 must be >= 1"),
+    (["trainer.nonfinite=ignore"], r"trainer.nonfinite='ignore' must be one of"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0 must be >= 1 or null"),
+    (["trainer.max_steps=null", "trainer.epochs=null"], r"trainer.max_steps and trainer.epochs are both null"),
 ], ids=lambda x: x if isinstance(x, str) else "-".join(x))
 def test_a_bad_value_fails_before_the_data_is_set_up(overrides, message, no_setup, tmp_path):
     corpus = tmp_path / "corpus.txt"
