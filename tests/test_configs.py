@@ -189,8 +189,8 @@ def test_every_option_instantiates(group, tmp_path):
             assert instantiate(item) is not None
 
 
-@pytest.mark.parametrize("option", ["text", "files", "shards"])
-def test_user_data_options_show_every_argument_of_their_class(option, tmp_path):
+@pytest.mark.parametrize("option", ["builtin", "text", "files", "shards"])
+def test_data_options_show_every_argument_of_their_class(option, tmp_path):
     node = compose_cfg(f"data={option}", f"paths.output_dir={tmp_path}").data
     arguments = set(inspect.signature(get_class(node._target_)).parameters) - {"tokenizer"}
     assert arguments - set(node.keys()) == set()              # each one discoverable with --cfg job
