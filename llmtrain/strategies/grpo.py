@@ -41,7 +41,8 @@ advantage everywhere, so it adds only the KL term and dilutes the mean. With the
 training rollout keeps only the groups whose weighted reward varies before the loss (evaluation
 keeps all); there is no refill, so the loss batch shrinks and the data's batch size is the
 oversampling knob (a micro-batch in which no group varies keeps its first group, whose only
-gradient is the KL's). The reward metrics still describe every sampled completion; `kept_groups`
+gradient is the KL's). The reward, length and truncation metrics still describe every sampled
+completion (`kl` and `clip_ratio` the tokens the loss saw); `kept_groups`
 is the fraction of groups the loss saw.
 
 Overlong filtering (DAPO, `mask_truncated_completions=True`; TRL's option of that name): a
@@ -181,13 +182,17 @@ class GRPO(Strategy):
 
     def keep_varied_groups(self, rollout: dict[str, Tensor]) -> dict[str, Tensor]:
         """The rollout's rows of the groups whose weighted reward is not constant (at least the first
-        group), plus `sampled_rewards`: the rewards of every sampled completion, for the metrics."""
+        group), plus `sampled_rewards`, `sampled_lengths` and `sampled_truncated`: the rewards, token
+        counts and truncation of every sampled completion, for the metrics."""
         rewards_BG = (rollout["rewards"] @ self.weights_K.to(rollout["rewards"].device)).view(-1, self.group_size)
         varied_B = (rewards_BG != rewards_BG[:, :1]).any(-1)
         if not varied_B.any():
             varied_B[0] = True
         rows = varied_B.repeat_interleave(self.group_size)
-        return {**{k: v[rows] for k, v in rollout.items()}, "sampled_rewards": rollout["rewards"]}
+        sampled = {"sampled_rewards": rollout["rewards"], "sampled_lengths": rollout["completion_mask"].sum(-1)}
+        if "truncated" in rollout:
+            sampled["sampled_truncated"] = rollout["truncated"]
+        return {**{k: v[rows] for k, v in rollout.items()}, **sampled}
 
     def prepare_window(self, batches: list[dict[str, Tensor]],
                        all_reduce_sum: Callable[[Tensor], Tensor]) -> list[dict[str, Tensor]]:
@@ -256,9 +261,10 @@ class GRPO(Strategy):
                    "frac_reward_zero_std": (sampled_BG == sampled_BG[:, :1]).all(-1).float().sum(),
                    **{f"rewards/{n}": r.sum() for n, r in zip(self.names, sampled_BK.unbind(-1))},
                    "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
-                   "sampled": mask_BN.new_tensor(sampled_BG.numel()), "completion_tokens": mask_BN.sum()}
+                   "sampled": mask_BN.new_tensor(sampled_BG.numel()), "completion_tokens": mask_BN.sum(),
+                   "sampled_tokens": batch.get("sampled_lengths", mask_BN.sum(-1)).float().sum()}
         if "truncated" in batch:
-            metrics["truncated"] = batch["truncated"].float().sum()
+            metrics["truncated"] = batch.get("sampled_truncated", batch["truncated"]).float().sum()
         if "thinking_mask" in batch:
             metrics["thinking_fraction"] = (batch["thinking_mask"] * mask_BN).sum()
         if self.reference is not None:
@@ -293,14 +299,14 @@ class GRPO(Strategy):
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """Window means from the window sums of `loss`'s metrics."""
         completions, tokens = totals.pop("completions"), totals.pop("completion_tokens")
-        sampled = totals.pop("sampled")
+        sampled, sampled_tokens = totals.pop("sampled"), totals.pop("sampled_tokens")
         per_sample = {k: v / sampled for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
         per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio", "thinking_fraction") if k in totals}
         kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
         if "truncated" in totals:
-            totals["truncated"] /= completions
+            totals["truncated"] /= sampled
         groups = sampled / self.group_size
-        return {**totals, **per_sample, **per_token, **kept, "completion_length": tokens / completions,
+        return {**totals, **per_sample, **per_token, **kept, "completion_length": sampled_tokens / sampled,
                 "reward_std": totals["reward_std"] / groups,
                 "frac_reward_zero_std": totals["frac_reward_zero_std"] / groups}
 

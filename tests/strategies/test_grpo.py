@@ -388,7 +388,8 @@ def test_filter_groups_trains_only_on_varied_groups_and_reports_every_sampled_on
     metrics = strategy.summarize({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
     assert metrics["kept_groups"] == 0.5 and metrics["reward"] == pytest.approx(float(big["rewards"].mean()))
     assert metrics["reward_std"] == pytest.approx(float(big["rewards"].view(2, 4).std(-1).mean()))
-    assert metrics["completion_length"] == pytest.approx(float(big["completion_mask"][:4].sum()) / 4)
+    assert metrics["completion_length"] == pytest.approx(float(big["completion_mask"].sum()) / 8)   # all sampled
+    assert big["completion_mask"][:4].sum() != big["completion_mask"][4:].sum()     # so the kept half alone differs
     big["rewards"][:] = 0.5                                    # no group varies: the first is kept (KL only)
     assert torch.equal(strategy.keep_varied_groups(big)["input_ids"], big["input_ids"][:4])
 
