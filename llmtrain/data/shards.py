@@ -25,7 +25,7 @@ from torch import Tensor
 
 from llmtrain.data.atomic import new_dir
 from llmtrain.data.packing import RowBatches
-from llmtrain.data.splits import Splits, check_sizes
+from llmtrain.data.splits import Splits, check_sizes, training_rows
 from llmtrain.data.text import SUFFIXES, read_documents
 
 FORMAT_VERSION = 1
@@ -197,8 +197,10 @@ class TokenShards(Splits):
         shards = [open_shard(self.path / s["file"], self.index["dtype"], s["tokens"]) for s in self.index["shards"]]
         rows = ShardRows(shards, self.seq_len)
         n_eval = max(1, math.ceil(len(rows) * self.eval_fraction))
-        if len(rows) - n_eval < self.batch_size:
+        n_train = training_rows(rows, len(rows) - n_eval, self.index["eos_id"], n_eval)
+        if n_train < self.batch_size:
             raise ValueError(f"data.path={self.path} holds {len(rows)} rows of {self.seq_len} tokens: too few for "
-                             f"one training batch of {self.batch_size} after holding out {n_eval}")
-        self.train = RowBatches(rows.range(0, len(rows) - n_eval), self.batch_size, self.seed)
+                             f"one training batch of {self.batch_size} after holding out {n_eval} (and "
+                             f"{len(rows) - n_eval - n_train} more, so that no document is on both sides)")
+        self.train = RowBatches(rows.range(0, n_train), self.batch_size, self.seed)
         self.eval = RowBatches(rows.range(len(rows) - n_eval, len(rows)), self.eval_batch_size, self.seed)

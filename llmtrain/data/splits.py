@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def check_sizes(seq_len: int, batch_size: int, eval_batch_size: int) -> None:
@@ -22,6 +25,31 @@ def path_list(paths: str | Sequence[str]) -> list[Path]:
     """`paths` as a list: one path given as a plain string (data.paths=corpus.txt) is a list of one,
     not a sequence of one-character names."""
     return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def training_rows(rows: Any, boundary: int, eos_id: int, limit: int) -> int:
+    """How many leading packed rows to train on when the held-out rows start at row `boundary`, so
+    that no document has tokens on both sides: the training rows end at the last <eos> before the
+    boundary (rows stay whole, so a row holding that <eos> with the next document's first tokens after
+    it is left out too). `rows` slice into (n, T) tensors (a tensor, or llmtrain.data.shards.ShardRows).
+
+    Looks back at most `limit` rows (the held-out count: training loses at most that many); a document
+    longer than that, such as the one document of a single .txt file, keeps its beginning in training,
+    with a warning, as in a plain row split.
+    """
+    stop, end = max(0, boundary - limit), boundary
+    while end > stop:
+        begin = max(stop, end - 256)
+        chunk_NT = rows[begin:end]
+        hits_N2 = (chunk_NT == eos_id).nonzero()
+        if len(hits_N2):
+            row, column = hits_N2[-1].tolist()
+            return begin + row + 1 if column == chunk_NT.shape[1] - 1 else begin + row
+        end = begin
+    if boundary:
+        log.warning("a document runs across the train/eval split (no <eos> in the %d rows before it): its beginning "
+                    "is trained on and its rest held out", boundary - stop)
+    return boundary
 
 
 class Splits:

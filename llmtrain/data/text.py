@@ -9,7 +9,7 @@ from typing import Any
 
 from llmtrain.data.packing import RowBatches, pack_documents
 from llmtrain.data.records import read_records, read_text, string_field
-from llmtrain.data.splits import Splits, check_sizes, path_list
+from llmtrain.data.splits import Splits, check_sizes, path_list, training_rows
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -24,7 +24,8 @@ def read_documents(path: Path) -> Iterator[str]:
 
 
 class TextFiles(Splits):
-    """Pre-training text from files, packed into rows; the last `eval_fraction` of rows is held out.
+    """Pre-training text from files, packed into rows; the last `eval_fraction` of rows is held out,
+    and training ends before the document that runs into them (llmtrain.data.splits.training_rows).
 
     Args:
         paths: .txt, .jsonl or .parquet files (relative paths are relative to the launch directory).
@@ -58,8 +59,10 @@ class TextFiles(Splits):
                      for path in self.paths for doc in read_documents(path)]
         rows_NT = pack_documents(documents, self.seq_len)
         n_eval = max(1, math.ceil(len(rows_NT) * self.eval_fraction))
-        if len(rows_NT) - n_eval < self.batch_size:
+        n_train = training_rows(rows_NT, len(rows_NT) - n_eval, self.tokenizer.eos_id, n_eval)
+        if n_train < self.batch_size:
             raise ValueError(f"data.paths hold {len(rows_NT)} rows of {self.seq_len} tokens: too few for one "
-                             f"training batch of {self.batch_size} after holding out {n_eval}")
-        self.train = RowBatches(rows_NT[:-n_eval], self.batch_size, self.seed)
+                             f"training batch of {self.batch_size} after holding out {n_eval} (and {len(rows_NT) - n_eval - n_train} "
+                             "more, so that no document is on both sides)")
+        self.train = RowBatches(rows_NT[:n_train], self.batch_size, self.seed)
         self.eval = RowBatches(rows_NT[-n_eval:], self.eval_batch_size, self.seed)

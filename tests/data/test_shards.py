@@ -35,6 +35,11 @@ def expected_rows(paths, tokenizer, shard_tokens, seq_len):
     return [shard[i:i + seq_len] for shard in shards for i in range(0, len(shard) - seq_len + 1, seq_len)]
 
 
+def split_rows(data):
+    """The train rows and the held-out rows of a set-up TokenShards, each in storage order."""
+    return data.train.rows_NT[:].tolist(), data.eval.rows_NT[:].tolist()
+
+
 def all_rows(data):
     """Every row of a set-up TokenShards, train then eval, in storage order."""
     return torch.cat([data.train.rows_NT[:], data.eval.rows_NT[:]]).tolist()
@@ -55,7 +60,11 @@ def test_shards_stream_the_tokens_of_their_files(kind, bpe, tmp_path):
     index = write_shards(paths, tmp_path / "shards", tokenizer, kind, shard_tokens=1000)
     data = TokenShards(str(tmp_path / "shards"), tokenizer, seq_len=32, batch_size=4, eval_fraction=0.1)
     data.setup("text")
-    assert all_rows(data) == expected_rows(paths, tokenizer, 1000, 32)
+    expected, train, held_out = expected_rows(paths, tokenizer, 1000, 32), *split_rows(data)
+    assert train == expected[:len(train)] and held_out == expected[-len(held_out):]
+    assert len(expected) - len(train) - len(held_out) <= len(held_out)
+    between = train[-1][-1:] + [t for row in expected[len(train):-len(held_out)] for t in row]
+    assert tokenizer.eos_id in between                  # no document has tokens on both sides
     assert len(index["shards"]) > 2 and all(s["tokens"] == 1000 for s in index["shards"][:-1])
     assert index["dtype"] == "uint16" and index["vocab_size"] == tokenizer.vocab_size
     assert [s["documents"] for s in index["sources"]] == [1, 40]

@@ -23,8 +23,25 @@ def test_parquet_jsonl_and_txt_documents_are_packed_in_file_order(tmp_path):
     tok = ByteTokenizer()
     data = TextFiles([str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")], tok, seq_len=32, batch_size=4)
     data.setup("text")
-    rows_NT = pack_documents([tok.encode(d, bos=True, eos=True) for d in DOCS], 32)
-    assert data.train.rows_NT.tolist() + data.eval.rows_NT.tolist() == rows_NT.tolist()
+    documents = [tok.encode(d, bos=True, eos=True) for d in DOCS]
+    rows_NT = pack_documents(documents, 32)
+    n_train, n_eval = len(data.train.rows_NT), len(data.eval.rows_NT)
+    assert data.train.rows_NT.tolist() == rows_NT[:n_train].tolist()
+    assert data.eval.rows_NT.tolist() == rows_NT[-n_eval:].tolist()
+    # which document each packed token belongs to: none may be both trained on and held out
+    owner_NT = pack_documents([[i] * len(doc) for i, doc in enumerate(documents)], 32)
+    assert not set(owner_NT[:n_train].flatten().tolist()) & set(owner_NT[-n_eval:].flatten().tolist())
+    assert len(rows_NT) - n_train - n_eval < n_eval        # at most the held-out count is left unused
+
+
+def test_one_document_across_the_split_keeps_the_plain_row_split_with_a_warning(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("one long document " * 200, encoding="utf-8")
+    data = TextFiles([str(tmp_path / "a.txt")], ByteTokenizer(), seq_len=32, batch_size=4)
+    with caplog.at_level("WARNING"):
+        data.setup("text")
+    assert len(data.train.rows_NT) + len(data.eval.rows_NT) == len(pack_documents(
+        [ByteTokenizer().encode("one long document " * 200, bos=True, eos=True)], 32))
+    assert "a document runs across the train/eval split" in caplog.text
 
 
 def test_a_malformed_row_is_named_with_its_file_and_line(tmp_path):
