@@ -117,9 +117,11 @@ def test_grpo_trains_under_two_ranks(engine, thinking, tmp_path):
     """A GRPO run's first forward is a rollout under inference mode: neither engine may keep the
     buffers it makes there (DDP's gradient buckets, FSDP2's all-gather buffers) for backward. Every
     step also copies the policy into the plain reference (gathered from FSDP2's shards), and HRPO's
-    decode reads the embedding outside forward, where FSDP2 holds only this rank's shard."""
+    decode reads the embedding outside forward, where FSDP2 holds only this rank's shard. Under DDP
+    the advantages use the batch std, all-reduced over the two ranks (scale_rewards=batch)."""
+    scaling = ["strategy.scale_rewards=batch"] if engine == "ddp" else []
     result = run_cli("strategy=grpo", "debug=smoke", "data.n_eval=16", "data.accuracy_examples=8", f"hardware={engine}",
-                     f"model/thinking={thinking}", "hardware.nprocs=2", "trainer.max_steps=3",
+                     f"model/thinking={thinking}", "hardware.nprocs=2", "trainer.max_steps=3", *scaling,
                      "strategy.sync_interval=1", "~callbacks.progress", f"hydra.run.dir={tmp_path}",
                      "+callbacks.reference={_target_:tests.test_distributed.ReferenceFollowsPolicy}")
     assert result.returncode == 0, result.stderr
