@@ -136,7 +136,8 @@ class DDP(Distributed):
 
 
 class FSDP(Distributed):
-    """FSDP2: each block's parameters, gradients and optimizer state are sharded over the ranks.
+    """FSDP2: each block's parameters, gradients and optimizer state are sharded over the ranks, and so
+    is a DPO/GRPO reference (`prepare_frozen`).
 
     Args:
         reshard_after_forward: free the gathered parameters after each block's forward (ZeRO-3;
@@ -146,21 +147,34 @@ class FSDP(Distributed):
     def __init__(self, *args: Any, reshard_after_forward: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.reshard_after_forward = reshard_after_forward
+        self.mesh = None
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         model = super().prepare(model)
-        disable_weight_copies(model)   # the gathered weights change behind their version counters
         # Read off now: between a forward and its backward (or after an eval forward) FSDP2 registers
         # the root's gathered parameters, which are neither the optimizer's nor tied to each other.
         self.tied = tied_names(model)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)   # embed, norm, head
+        self._fully_shard(model, self.reshard_after_forward)
         self.names = {id(p): name for name, p in model.named_parameters()}
+        return model
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """Sharded like the policy, so that each rank holds 1/W of the reference too; its forwards (no
+        backward follows) always free each block's gathered weights after use."""
+        return self._fully_shard(model, reshard_after_forward=True)
+
+    def _fully_shard(self, model: nn.Module, reshard_after_forward: bool) -> nn.Module:
+        """Each block, then the root (embedding, final norm, head), as one FSDP2 unit each."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        disable_weight_copies(model)   # the gathered weights change behind their version counters
+        if self.mesh is None:          # one mesh for the policy and the reference: their shards match
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = self.mesh
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
         # FSDP2 allocates the buffers it all-gathers into at the first forward; GRPO's first forward is
         # a rollout under inference mode, whose inference-tensor buffers a training forward then cannot
         # fill ("Inplace update to inference tensor outside InferenceMode"): allocate them now.

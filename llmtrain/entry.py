@@ -312,6 +312,8 @@ def run(cfg: DictConfig, checkpoint: Path | None, claim: bool) -> tuple[dict[str
         with hardware.autocast():                      # DPO's precomputed reference: as the loss scores the policy
             strategy.setup(model, data)                # the plain model (DPO copies it); before a resume
         model = hardware.prepare(model)                # checkpointing, compile, DDP/FSDP: in place
+        for frozen in getattr(strategy, "frozen_models", list)():
+            hardware.prepare_frozen(frozen)            # a reference: FSDP2 shards it too
         with quiet("llmtrain.optim"):                  # its warnings came from the probe
             optimizer = instantiate(cfg.optimizer)(model.named_parameters())   # FSDP2: of the sharded parameters
         make_scheduler = instantiate(cfg.scheduler)

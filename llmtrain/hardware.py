@@ -112,6 +112,11 @@ class Hardware:
                 block.compile()
         return model
 
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """A model that is never trained, beside the policy (a DPO/GRPO reference: Strategy.frozen_models),
+        placed as this engine places the policy; in place. Kept as it is here (and under DDP)."""
+        return model
+
     def shard(self, data: Any) -> Any:
         """The part of the data this process trains on (all of it here)."""
         return data

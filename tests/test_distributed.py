@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from llmtrain.callbacks.base import Callback
 from tests.conftest import REPO
@@ -93,15 +96,22 @@ def test_a_sweep_starts_the_ranks_of_each_job_in_its_own_directory(tmp_path):
 
 
 class ReferenceFollowsPolicy(Callback):
-    """With strategy.sync_interval=1, each step's reference must be the policy as the step before left it."""
+    """With strategy.sync_interval=1, each step's reference must be the policy as the step before left it;
+    under FSDP2 the reference is sharded as the policy is (each rank holds about half of it)."""
 
     def __init__(self) -> None:
         self.previous: dict[str, torch.Tensor] | None = None
         self.checks = 0
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
-        policy = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))  # collective
-        reference = trainer.strategy.reference.model.state_dict()
+        full = StateDictOptions(full_state_dict=True)
+        policy = get_model_state_dict(trainer.model, options=full)       # collectives under FSDP2
+        frozen = trainer.strategy.reference.model
+        reference = get_model_state_dict(frozen, options=full)
+        assert isinstance(frozen, FSDPModule) == isinstance(trainer.model, FSDPModule)
+        if isinstance(frozen, FSDPModule):
+            held, total = (sum(f(p) for p in frozen.parameters()) for f in (lambda p: p.to_local().numel(), Tensor.numel))
+            assert held < 0.6 * total, (held, total)                    # DTensor.numel is the full size
         if self.previous is not None:
             assert all(torch.equal(reference[name], self.previous[name]) for name in reference), "sync missed"
             assert not all(torch.equal(reference[name], policy[name]) for name in reference)   # weight decay moved it
@@ -112,11 +122,11 @@ class ReferenceFollowsPolicy(Callback):
         assert self.checks == trainer.step - 1 > 0, self.checks
 
 
-@pytest.mark.parametrize("engine, thinking", [("ddp", "none"), ("fsdp", "none"), ("fsdp", "hrpo")])
+@pytest.mark.parametrize("engine, thinking", [("ddp", "none"), ("fsdp", "hrpo")])
 def test_grpo_trains_under_two_ranks(engine, thinking, tmp_path):
     """A GRPO run's first forward is a rollout under inference mode: neither engine may keep the
     buffers it makes there (DDP's gradient buckets, FSDP2's all-gather buffers) for backward. Every
-    step also copies the policy into the plain reference (gathered from FSDP2's shards), and HRPO's
+    step also copies the policy into the reference (under FSDP2 shard by shard), and HRPO's
     decode reads the embedding outside forward, where FSDP2 holds only this rank's shard. Under DDP
     the advantages use the batch std, all-reduced over the two ranks (scale_rewards=batch)."""
     scaling = ["strategy.scale_rewards=batch"] if engine == "ddp" else []
@@ -131,10 +141,12 @@ def test_grpo_trains_under_two_ranks(engine, thinking, tmp_path):
 
 def test_grpo_resumes_mid_cycle_under_two_ranks_with_each_ranks_buffered_rollouts(tmp_path):
     """With num_iterations=2 step 3 reuses the rollouts of step 2, which differ by rank (each rank samples
-    its own prompts); a checkpoint at step 3 holds both ranks' (gathered), and each takes back its own."""
+    its own prompts); a checkpoint at step 3 holds both ranks' (gathered), and each takes back its own.
+    Under FSDP2 the checkpoint's reference (synced at step 2) is gathered from its shards, and resharded
+    on resume."""
     from safetensors.torch import load_file
 
-    common = ["strategy=grpo", "debug=smoke", "data.n_eval=8", "data.accuracy_examples=0", "hardware=ddp",
+    common = ["strategy=grpo", "debug=smoke", "data.n_eval=8", "data.accuracy_examples=0", "hardware=fsdp",
               "hardware.nprocs=2", "scheduler=constant", "strategy.num_iterations=2", "strategy.sync_interval=2",
               "strategy.rewards=[{_target_:tests.strategies.test_grpo.distinct_chars,_partial_:true}]",   # varies
               "callbacks.checkpoint.every_steps=1", "callbacks.checkpoint.keep_last=9", "~callbacks.progress"]
@@ -145,6 +157,9 @@ def test_grpo_resumes_mid_cycle_under_two_ranks_with_each_ranks_buffered_rollout
         assert result.returncode == 0, result.stderr
     kept = load_file(split / "checkpoints/step_000003/strategy.safetensors")
     assert {k.split("/")[1] for k in kept if k.startswith("buffer/")} == {"0", "1"}
+    weights = load_file(split / "checkpoints/step_000003/model.safetensors")
+    reference = {k[len("reference/"):]: v for k, v in kept.items() if k.startswith("reference/")}
+    assert {k: v.shape for k, v in reference.items()} == {k: v.shape for k, v in weights.items()}   # full, not a shard
     def training(run: Path) -> list[dict]:       # the first split run also evaluated at its end (step 3)
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s") and not k.startswith("eval/")}
                 for r in rows(run)]
@@ -153,3 +168,26 @@ def test_grpo_resumes_mid_cycle_under_two_ranks_with_each_ranks_buffered_rollout
     assert all(row["grad_norm"] > 0 for row in training(split)) and training(split)[3]["kl"] > 0   # row 4: the reference of step 2, from the checkpoint
     a, b = (load_file(run / "checkpoints/latest/model.safetensors") for run in (straight, split))
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+class ReferenceIsSharded(Callback):
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        frozen = trainer.strategy.reference.model
+        assert isinstance(frozen, FSDPModule)
+        held, total = (sum(f(p) for p in frozen.parameters()) for f in (lambda p: p.to_local().numel(), Tensor.numel))
+        assert held < 0.6 * total, (held, total)
+
+
+def test_dpo_under_fsdp_shards_the_reference_and_trains_like_one_process(tmp_path):
+    """The reference's forward gathers its shards block by block: 2 ranks x 4 pairs give the loss curve
+    of 1 process x 8 pairs, from ln 2 at the first step (policy == reference)."""
+    dpo = ["strategy=dpo", "debug=smoke", "trainer.max_steps=4", "data.n_eval=16", "~callbacks.progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for args in (["hardware=cpu", "data.batch_size=8", f"hydra.run.dir={one}"],
+                 ["hardware=fsdp", *TWO_RANKS, f"hydra.run.dir={two}",
+                  "+callbacks.sharded={_target_:tests.test_distributed.ReferenceIsSharded}"]):
+        result = run_cli(*dpo, *args)
+        assert result.returncode == 0, result.stderr
+    la, lb = losses(one), losses(two)
+    assert len(la) == len(lb) == 4 and abs(la[0] - math.log(2)) < 1e-6
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)

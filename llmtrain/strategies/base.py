@@ -54,6 +54,12 @@ class Strategy(Protocol):
         window's mean; `summarize` then derives the reported metrics from those sums.
         """
 
+    def frozen_models(self) -> list[nn.Module]:
+        """Models the strategy keeps beside the policy and never trains (a DPO/GRPO reference), which
+        the hardware then places as it places the policy (FSDP2 shards them too), in place, after
+        `setup` and before a checkpoint is resumed. None here."""
+        return []
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors a checkpoint must keep for an exact resume beyond the model and optimizer (GRPO's
         synced reference and buffered rollouts), saved as strategy.safetensors; every rank calls it

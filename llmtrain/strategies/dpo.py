@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from llmtrain.checkpoint import tied_names, unique_tensors
 from llmtrain.strategies.base import Strategy
@@ -132,6 +133,12 @@ class FrozenReference:
                  share_prompt: bool = True) -> None:
         self.path, self.precompute, self.share_prompt = path, precompute, share_prompt
         self.model: nn.Module | None = None
+        self.tied: set[str] = set()            # the model's tied names, read while it is a plain module
+
+    def models(self) -> list[nn.Module]:
+        """The reference model, for the hardware to place (Strategy.frozen_models); none once its
+        precomputed scores replaced it."""
+        return [] if self.model is None else [self.model]
 
     def setup(self, policy: nn.Module, data: object) -> None:
         policy = getattr(policy, "module", policy)          # a DDP / compile wrapper holds the model
@@ -148,6 +155,7 @@ class FrozenReference:
                 raise ValueError(f"strategy.reference={self.path} has vocab_size {reference.vocab_size}, the policy "
                                  f"{policy.vocab_size}: they must share the tokenizer")
         self.model = reference.to(device).eval().requires_grad_(False)
+        self.tied = tied_names(self.model)
         if self.precompute:
             def score(batch: dict[str, Tensor]) -> Tensor:
                 with torch.no_grad():
@@ -159,24 +167,36 @@ class FrozenReference:
     def sync(self, policy: nn.Module) -> None:
         """Overwrite the reference with the policy's current weights (a hard update, TR-DPO's alpha = 1).
 
-        The reference is a plain module on every rank, while an FSDP2 policy's state dict holds this
-        rank's shards (DTensors): the full state dict gathers them (a collective; every rank syncs at
-        the same step) and is the module's own state dict otherwise.
+        Under FSDP2 both are sharded alike (Hardware.prepare_frozen), so each rank copies its own
+        shards, with no collective. A plain reference takes the policy's full state dict (gathered,
+        a collective, if the policy alone is sharded; its own state dict otherwise).
         """
         if self.model is None:
             raise RuntimeError("the reference is not set up (or was released after precomputing)")
         policy = getattr(policy, "module", policy)
-        self.model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+        if isinstance(self.model, FSDPModule):
+            set_model_state_dict(self.model, get_model_state_dict(policy))
+        else:
+            self.model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The reference's weights, a tied matrix once (as in model.safetensors)."""
-        return unique_tensors(self.model)
+        """The reference's weights, a tied matrix once (as in model.safetensors); every rank calls it.
+        A sharded reference is gathered onto rank 0 (the other ranks get {}: rank 0 alone writes)."""
+        if not isinstance(self.model, FSDPModule):
+            return unique_tensors(self.model)
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name: tensor.contiguous() for name, tensor in state.items() if name not in self.tied}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - tied_names(self.model):
+        """Full (unsharded) weights, as `state_dict` saved them; a sharded reference keeps its shards."""
+        expected, given = set(self.model.state_dict()) - self.tied, set(state)
+        if given != expected:
             raise ValueError(f"the checkpoint's reference weights do not fit the reference model: missing "
-                             f"{sorted(set(missing) - tied_names(self.model))}, unexpected {sorted(unexpected)}")
+                             f"{sorted(expected - given)}, unexpected {sorted(given - expected)}")
+        if isinstance(self.model, FSDPModule):
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.model.load_state_dict(state, strict=False)
 
     def logps(self, batch: dict[str, Tensor]) -> Tensor:
         if "ref_logps" in batch:
@@ -240,6 +260,9 @@ class DPO(Strategy):
 
     def setup(self, model: nn.Module, data: object) -> None:
         self.reference.setup(model, data)
+
+    def frozen_models(self) -> list[nn.Module]:
+        return self.reference.models()
 
     def num_items(self, batch: dict[str, Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2                 # pairs

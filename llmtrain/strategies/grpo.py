@@ -170,6 +170,9 @@ class GRPO(Strategy):
         if self.reference is not None:
             self.reference.setup(model, data)
 
+    def frozen_models(self) -> list[nn.Module]:
+        return [] if self.reference is None else self.reference.models()
+
     def prepare(self, model: nn.Module, batch: dict[str, Tensor], step: int | None) -> dict[str, Tensor]:
         rollout = self.rollouts(model, batch, step)
         if self.reference is not None and self.rollouts.position == 0 and step and self.sync_interval \

@@ -36,6 +36,9 @@ class IPO(Strategy):
     def setup(self, model: nn.Module, data: object) -> None:
         self.reference.setup(model, data)
 
+    def frozen_models(self) -> list[nn.Module]:
+        return self.reference.models()
+
     def num_items(self, batch: dict[str, Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 

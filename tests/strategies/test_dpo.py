@@ -111,13 +111,30 @@ def test_the_reference_is_frozen_and_gets_no_gradient():
     assert not torch.equal(reference.norm.weight, model.norm.weight)
 
 
+def test_the_reference_state_round_trips_and_a_mismatch_names_the_tensors():
+    model, data = tiny_model(), preference_data()
+    strategy = DPO()
+    strategy.setup(model, data)
+    assert strategy.frozen_models() == [strategy.reference.model]
+    state = strategy.reference.state_dict()
+    assert "lm_head.weight" not in state and "embed.weight" in state        # the tied matrix once
+    other = DPO()
+    other.setup(tiny_model(seed=1), data)
+    other.reference.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.reference.model.parameters(),
+                                                 strategy.reference.model.parameters()))
+    with pytest.raises(ValueError, match=r"missing \['norm.weight'\], unexpected \['extra'\]"):
+        other.reference.load_state_dict({**{k: v for k, v in state.items() if k != "norm.weight"},
+                                         "extra": torch.zeros(1)})
+
+
 def test_precomputed_reference_logprobs_give_the_same_loss_and_release_the_model():
     online, precomputed = DPO(), DPO(precompute_reference=True)
     model = tiny_model()
     data_online, data_pre = preference_data(), preference_data()
     online.setup(model, data_online)
     precomputed.setup(model, data_pre)
-    assert precomputed.reference.model is None
+    assert precomputed.reference.model is None and precomputed.frozen_models() == []
     with torch.no_grad():
         model.norm.weight.add_(0.05)
     for batch_online, batch_pre in zip(data_online.train_batches(1, start=2), data_pre.train_batches(1, start=2)):
