@@ -66,6 +66,9 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(smoke_run, t
         assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text, bos=True)    # as the model was trained
         assert hf_tokenizer.decode(tokenizer.encode(text)) == text
     assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == \
+        (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
 
 
 def test_export_never_overwrites_and_names_a_missing_checkpoint(smoke_run, tmp_path):

@@ -17,7 +17,8 @@ from llmtrain.pretrained import load_checkpoint_model
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llmtrain export", description=__doc__.splitlines()[0])
     formats = parser.add_subparsers(dest="format", required=True)
-    hf = formats.add_parser("hf", help="Hugging Face transformers folder (config.json, model.safetensors, tokenizer)")
+    hf = formats.add_parser("hf", help="Hugging Face transformers folder (config.json, generation_config.json, "
+                                       "model.safetensors, tokenizer)")
     hf.add_argument("checkpoint", help="a run directory (its checkpoints/latest) or a checkpoints/step_N folder")
     hf.add_argument("out_dir", help="the folder to create; must not exist")
     hf.add_argument("--drop-thinking", action="store_true",

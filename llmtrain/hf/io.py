@@ -1,7 +1,8 @@
 """Hugging Face model folders: write one from an llmtrain model, read one back into llmtrain.
 
 A folder is config.json + model.safetensors (or sharded model-*.safetensors with an index) +
-tokenizer files. Each architecture family is a module with the same five functions:
+tokenizer files; an export also writes generation_config.json (the bos, eos and pad ids). Each
+architecture family is a module with the same five functions:
 
     ARCHITECTURES                    the HF class names it imports
     can_export(model) -> bool        whether it can write this llmtrain model
@@ -127,6 +128,8 @@ def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLik
     try:
         config = family.hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")   # what `generate` stops on
         save_file(family.to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer_files(tokenizer, tmp)
         tmp.rename(out_dir)

@@ -120,8 +120,9 @@ def hf_config(model: Transformer, bos_token_id: int | None = None, eos_token_id:
         "shared_expert_intermediate_size": moe.n_shared_experts * moe.expert_hidden_dim,
         "norm_topk_prob": moe.norm_topk_prob and moe.n_experts_per_tok > 1,
         "output_router_logits": False,
-        # HF's balance loss is K at uniform routing, ours 1 (SPECS 3.2): the same strength at balance.
-        "router_aux_loss_coef": moe.aux_loss_coef / moe.n_experts_per_tok,
+        # HF pools every layer's router into one balance loss, K at uniform routing; ours is 1 per
+        # layer (SPECS 3.2), L in all: the same strength at balance.
+        "router_aux_loss_coef": moe.aux_loss_coef * model.n_layers / moe.n_experts_per_tok,
         LLMTRAIN_KEY: {"attention": {"bias": attn.wq.bias is not None},
                        "ffn": {"routed_scaling_factor": moe.routed_scaling_factor, "norm_topk_prob": moe.norm_topk_prob,
                                "aux_loss_coef": moe.aux_loss_coef, "seq_aux": moe.seq_aux}},
@@ -152,7 +153,8 @@ def model_node(config: dict) -> dict:
                    "n_routed_experts": config.get("num_experts", 60), "n_experts_per_tok": K,
                    "n_shared_experts": shared_size // moe_size, "expert_hidden_dim": moe_size,
                    "norm_topk_prob": config.get("norm_topk_prob", False), "routed_scaling_factor": 1.0,
-                   "aux_loss_coef": config.get("router_aux_loss_coef", 0.001) * K, "seq_aux": True}
+                   "aux_loss_coef": config.get("router_aux_loss_coef", 0.001) * K / config.get("num_hidden_layers", 24),
+                   "seq_aux": True}
     recorded = config.get(LLMTRAIN_KEY) or {}
     node["attention"] |= recorded.get("attention", {})
     node["ffn"] |= recorded.get("ffn", {})

@@ -95,6 +95,27 @@ def test_model_node_rebuilds_the_architecture(tmp_path):
     assert rebuilt.layers[0].ffn.aux_loss_coef == pytest.approx(model.layers[0].ffn.aux_loss_coef)
 
 
+def test_the_exported_aux_coefficient_gives_the_same_balance_loss_in_transformers(tmp_path):
+    """HF pools the L layers' routers into one loss (K at uniform routing); ours sums one term per layer
+    (1 each): at near-uniform routing coef * aux agrees, and import gives the coefficient back."""
+    from llmtrain.models.moe import collect_aux_loss
+
+    model = random_model(aux_loss_coef=0.01, seq_aux=False).train()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.ffn.gate.weight.mul_(0.001)                       # near-uniform routing
+    save(model, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf = load_hf(tmp_path / "hf").train()
+    ids = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    ours = collect_aux_loss(model).item()
+    theirs = config["router_aux_loss_coef"] * hf(ids, output_router_logits=True).aux_loss.item()
+    assert ours == pytest.approx(0.01 * model.n_layers, rel=0.01) and theirs == pytest.approx(ours, rel=0.01)
+    plain = {k: v for k, v in config.items() if k != qwen2_moe.LLMTRAIN_KEY}       # as a Hub checkpoint has it
+    assert instantiate(qwen2_moe.model_node(plain)).layers[0].ffn.aux_loss_coef == pytest.approx(0.01)
+
+
 def test_mismatched_and_unknown_tensors_are_refused_by_name():
     model = random_model()
     state = qwen2_moe.to_hf_state_dict(model)
