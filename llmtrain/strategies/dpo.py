@@ -7,8 +7,10 @@ With summed response log-probs π (policy) and ρ (reference),
     h = (π_c - ρ_c) - (π_r - ρ_r),   loss = -(1 - ε) log σ(βh) - ε log σ(-βh)   (mean over pairs)
 
 where ε > 0 is conservative DPO (label smoothing). With `nll_weight` = α > 0 the loss adds
-α · (-π_c / |c|), the chosen response's mean token NLL (RPO, Pang et al. 2024, arXiv:2404.19733;
-TRL's `rpo_alpha`), which keeps DPO from lowering the likelihood of the preferred answers. At
+α · (-π_c / |c|) per pair, the chosen response's mean token NLL as RPO normalises it (Pang et al.
+2024, arXiv:2404.19733), which keeps DPO from lowering the likelihood of the preferred answers. TRL's
+`rpo_alpha` takes one token mean over all chosen tokens of the batch instead, which weights longer
+answers more; the two agree when the chosen answers have the same length. At
 the first step policy == reference, so h = 0 and the loss is ln 2 (plus the NLL term). Metrics
 follow TRL: rewards/chosen = β(π_c - ρ_c), rewards/rejected, rewards/margins, rewards/accuracies
 (strict >, so 0 at the first step), logps/chosen, logps/rejected, and logits/chosen, logits/rejected

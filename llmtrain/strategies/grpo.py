@@ -48,14 +48,15 @@ is the fraction of groups the loss saw.
 Overlong filtering (DAPO, `mask_truncated_completions=True`; TRL's option of that name): a
 completion that reached `max_new_tokens` without EOS was cut, so its tokens carry no verdict on a
 finished answer; with the option on, its whole mask is zeroed in the loss (and in DAPO's token
-count), while the metrics still describe it. `truncated` logs the share of such completions.
+count), while the reward, length and truncation metrics still describe it (`kl` and `clip_ratio`
+count the tokens the loss saw, as TRL's do). `truncated` logs the share of such completions.
 
 Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups of the within-
 group std of that reward: 0 means no group carried a learning signal), `frac_reward_zero_std` (the
 share of groups whose G rewards are all equal, hence zero advantage), `rewards/<name>` (mean raw
 reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
-mean of k3, only when kl_coef > 0), `completion_length` (mean completion tokens, EOS included),
-`clip_ratio` (fraction of completion tokens whose clipped term is active: ratio < 1 - clip_eps with
+mean of k3 over the loss's tokens, only when kl_coef > 0), `completion_length` (mean completion tokens,
+EOS included), `clip_ratio` (fraction of the loss's tokens whose clipped term is active: ratio < 1 - clip_eps with
 A < 0, or > 1 + clip_eps_high with A > 0), `truncated` (share of completions without EOS).
 
 `share_prompt` (on by default) computes each group's prompt once, into a KV cache that the G
@@ -263,8 +264,9 @@ class GRPO(Strategy):
         metrics = {"reward": sampled_BG.sum(), "reward_std": sampled_BG.std(-1).sum(),
                    "frac_reward_zero_std": (sampled_BG == sampled_BG[:, :1]).all(-1).float().sum(),
                    **{f"rewards/{n}": r.sum() for n, r in zip(self.names, sampled_BK.unbind(-1))},
-                   "clip_ratio": (clipped_BN * mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
+                   "clip_ratio": (clipped_BN * loss_mask_BN).sum(), "completions": mask_BN.new_tensor(len(mask_BN)),
                    "sampled": mask_BN.new_tensor(sampled_BG.numel()), "completion_tokens": mask_BN.sum(),
+                   "loss_tokens": loss_mask_BN.sum(),
                    "sampled_tokens": batch.get("sampled_lengths", mask_BN.sum(-1)).float().sum()}
         if "truncated" in batch:
             metrics["truncated"] = batch.get("sampled_truncated", batch["truncated"]).float().sum()
@@ -279,7 +281,7 @@ class GRPO(Strategy):
             ref_logp_BN = torch.where(mask_BN.bool(), ref_logp_BN, logp_BN.detach())
             kl_BN = k3(logp_BN, ref_logp_BN)
             per_token_BN = per_token_BN + self.kl_coef * kl_BN
-            metrics["kl"] = (kl_BN.detach() * mask_BN).sum()
+            metrics["kl"] = (kl_BN.detach() * loss_mask_BN).sum()
         return self.aggregate(per_token_BN, loss_mask_BN, num_items), metrics
 
     def advantages(self, rewards_BG: Tensor, batch_std: Tensor | None = None) -> Tensor:
@@ -302,9 +304,11 @@ class GRPO(Strategy):
     def summarize(self, totals: dict[str, float]) -> dict[str, float]:
         """Window means from the window sums of `loss`'s metrics."""
         completions, tokens = totals.pop("completions"), totals.pop("completion_tokens")
+        loss_tokens = totals.pop("loss_tokens")
         sampled, sampled_tokens = totals.pop("sampled"), totals.pop("sampled_tokens")
         per_sample = {k: v / sampled for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
-        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("kl", "clip_ratio", "thinking_fraction") if k in totals}
+        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("thinking_fraction",) if k in totals}
+        per_token |= {k: totals[k] / max(loss_tokens, 1.0) for k in ("kl", "clip_ratio") if k in totals}
         kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
         if "truncated" in totals:
             totals["truncated"] /= sampled

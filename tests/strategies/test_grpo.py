@@ -418,6 +418,11 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss_but_not_out_of_t
     metrics = masking.summarize({"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}})
     assert metrics["truncated"] == 0.25
     assert metrics["completion_length"] == pytest.approx(float(batch["completion_mask"].sum()) / 8)
+    _, cut_parts = plain.loss(model, cut, plain.num_items(cut))           # kl and clip_ratio: the loss's tokens
+    cut_metrics = plain.summarize({k: float(v) for k, v in cut_parts.items()})
+    assert metrics["kl"] == pytest.approx(cut_metrics["kl"]) and metrics["clip_ratio"] == cut_metrics["clip_ratio"]
+    assert metrics["kl"] != pytest.approx(plain.summarize({k: float(v) for k, v in plain.loss(
+        model, batch, plain.num_items(batch))[1].items()})["kl"])        # the truncated rows' KL differs
 
 
 def test_a_window_of_truncated_completions_only_gives_a_zero_dapo_loss():
@@ -580,3 +585,4 @@ def test_each_preset_builds_its_class_with_its_kl(preset, cls, kl_coef, tmp_path
     strategy = instantiate(compose_cfg(f"strategy={preset}", f"paths.output_dir={tmp_path}").strategy)
     assert type(strategy) is cls and strategy.kl_coef == kl_coef and strategy.reference is not None
     assert strategy.clip_low == strategy.clip_high == 0.2 and not strategy.sequence_level
+    assert strategy.sync_interval == (None if preset == "r1v" else 200)       # TRL v0.14 never re-syncs
