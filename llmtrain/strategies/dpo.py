@@ -166,20 +166,25 @@ class FrozenReference:
             log.info("reference log-probs precomputed for every pair; the reference model is released")
             self.model = None
 
-    def sync(self, policy: nn.Module) -> None:
-        """Overwrite the reference with the policy's current weights (a hard update, TR-DPO's alpha = 1).
+    def sync(self, policy: nn.Module, alpha: float = 1.0) -> None:
+        """θ_ref <- α θ + (1 - α) θ_ref from the policy's current weights θ (TR-DPO; α = 1: a hard copy).
 
-        Under FSDP2 both are sharded alike (Hardware.prepare_frozen), so each rank copies its own
+        Under FSDP2 both are sharded alike (Hardware.prepare_frozen), so each rank updates its own
         shards, with no collective. A plain reference takes the policy's full state dict (gathered,
         a collective, if the policy alone is sharded; its own state dict otherwise).
         """
         if self.model is None:
             raise RuntimeError("the reference is not set up (or was released after precomputing)")
         policy = getattr(policy, "module", policy)
-        if isinstance(self.model, FSDPModule):
-            set_model_state_dict(self.model, get_model_state_dict(policy))
+        sharded = isinstance(self.model, FSDPModule)
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=not sharded))
+        if alpha != 1.0:
+            own = self.model.state_dict()
+            state = {name: own[name].lerp(tensor.to(own[name].dtype), alpha) for name, tensor in state.items()}
+        if sharded:
+            set_model_state_dict(self.model, state)
         else:
-            self.model.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+            self.model.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The reference's weights, a tied matrix once (as in model.safetensors); every rank calls it.

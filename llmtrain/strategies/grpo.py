@@ -24,8 +24,9 @@ old_logp is logp.detach() (ratio 1 in value); a reused one (num_iterations > 1) 
 log-probs stored at generation time. Variants whose math differs subclass one piece: DAPO
 (llmtrain.strategies.dapo) the aggregation, DrGRPO (llmtrain.strategies.dr_grpo) the aggregation
 (with scale_rewards="none" by default). The reference is a frozen copy of the starting policy
-(none when kl_coef = 0), overwritten with the policy's weights at every step that is a positive
-multiple of `sync_interval`. After its first sync it is no longer the starting policy, so
+(none when kl_coef = 0), moved to the policy's weights at every step that is a positive multiple
+of `sync_interval`: θ_ref <- α θ + (1 - α) θ_ref with α = `sync_alpha` (1, a hard copy, by default,
+as in DeepSeekMath's iterative GRPO; TRL's TR-DPO-style `ref_model_mixup_alpha` defaults to 0.6). After its first sync it is no longer the starting policy, so
 checkpoints from then on also hold it (strategy.safetensors, with the rollouts buffered for
 num_iterations > 1): resume is exact from any step.
 
@@ -126,7 +127,8 @@ class GRPO(Strategy):
         max_new_tokens, temperature: sampling settings (temperature also divides the loss's logits).
         clip_eps, clip_eps_high: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (None: clip_eps).
         kl_coef: weight of the k3 KL to the reference; 0 builds no reference.
-        sync_interval: steps between hard copies policy -> reference (None: never).
+        sync_interval: steps between syncs policy -> reference (None: never).
+        sync_alpha: weight of the policy in each sync, in (0, 1]; 1 = a hard copy.
         num_iterations: optimizer steps per rollout (mu); see llmtrain.strategies.rollout.
         filter_groups: DAPO's dynamic sampling without refill: train only on groups whose reward varies.
         mask_truncated_completions: DAPO's overlong filtering: completions without EOS take no part in
@@ -142,7 +144,7 @@ class GRPO(Strategy):
     def __init__(self, rewards: Sequence[RewardFn], *, reward_weights: Sequence[float] | None = None,
                  scale_rewards: str = "group", group_size: int = 4, max_new_tokens: int = 16,
                  temperature: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float | None = None,
-                 kl_coef: float = 0.01, sync_interval: int | None = 200,
+                 kl_coef: float = 0.01, sync_interval: int | None = 200, sync_alpha: float = 1.0,
                  num_iterations: int = 1, filter_groups: bool = False, mask_truncated_completions: bool = False,
                  importance_sampling_level: str = "token", share_prompt: bool = True, seed: int = 0) -> None:
         clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -159,7 +161,10 @@ class GRPO(Strategy):
         self.sequence_level, self.scale_rewards = importance_sampling_level == "sequence", scale_rewards
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
+        if not 0 < sync_alpha <= 1:
+            raise ValueError(f"strategy.sync_alpha={sync_alpha} must be in (0, 1] (1 = hard copy)")
         self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
+        self.sync_alpha = sync_alpha
         self.mask_truncated = mask_truncated_completions
         self.scored_group = group_size if share_prompt else 1        # rows per forward row in completion_logps
         self.rollouts = Rollouts(rewards, group_size, max_new_tokens, temperature, num_iterations, seed)
@@ -178,7 +183,7 @@ class GRPO(Strategy):
         rollout = self.rollouts(model, batch, step)
         if self.reference is not None and self.rollouts.position == 0 and step and self.sync_interval \
                 and step % self.sync_interval == 0:
-            self.reference.sync(model)               # before the window's first loss: weights after `step` updates
+            self.reference.sync(model, self.sync_alpha)   # before the window's first loss: after `step` updates
             self.synced_at = step
         if self.filter_groups and step is not None:
             rollout = self.keep_varied_groups(rollout)

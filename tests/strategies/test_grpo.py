@@ -329,6 +329,23 @@ def test_the_reference_is_synced_at_multiples_of_sync_interval():
     assert not strategy.reference.model.training and not strategy.reference.model.norm.weight.requires_grad
 
 
+def test_a_soft_sync_moves_the_reference_part_of_the_way():
+    """sync_alpha = α: θ_ref <- α θ + (1 - α) θ_ref (TR-DPO), every tensor, the tied matrix once."""
+    strategy, model, data = GRPO(rewards=[Accuracy()], max_new_tokens=2, sync_interval=1, sync_alpha=0.25), \
+        tiny_model(), prompts_data()
+    strategy.setup(model, data)
+    before = {k: v.clone() for k, v in strategy.reference.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    strategy.prepare(model, next(data.train_batches(0)), 1)
+    after, policy = strategy.reference.model.state_dict(), model.state_dict()
+    for name, old in before.items():
+        torch.testing.assert_close(after[name], 0.25 * policy[name] + 0.75 * old, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="sync_alpha=0"):
+        GRPO(rewards=[Accuracy()], sync_alpha=0)
+
+
 def hand_made_batch(G: int = 4) -> dict[str, torch.Tensor]:
     """Two groups of G completions with uneven lengths, left-padded prompts and stale old log-probs."""
     torch.manual_seed(1)
