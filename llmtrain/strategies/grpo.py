@@ -63,7 +63,10 @@ A < 0, or > 1 + clip_eps_high with A > 0), `truncated` (share of completions wit
 `share_prompt` (on by default) computes each group's prompt once, into a KV cache that the G
 completions then attend to, each also to itself only (llmtrain.strategies.rollout.
 shared_prompt_logits): the policy's and the reference's log-probs are those of one row per
-completion, with G - 1 prompts fewer in every matmul.
+completion, with G - 1 prompts fewer in every matmul. An MoE model's balance loss (SPECS 3.2) then
+counts each prompt token once, as it is computed: with seq_aux the prompt forward's rows and the
+completions' rows are balance groups of their own, where share_prompt=false makes each completion's
+row, prompt included, one group; so the aux loss (not the log-probs) differs between the two.
 
 HRPO (SPECS 5) is this strategy with a model built with a thinking module (model/thinking=hrpo):
 the rollout blends latents into the thinking tokens' inputs and keeps them, the policy's forward
