@@ -128,8 +128,9 @@ def export(model: nn.Module, tokenizer: ByteTokenizer, out_dir: str | os.PathLik
     try:
         config = family.hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")   # what `generate` stops on
+        special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                   "pad_token_id": tokenizer.pad_id}                              # what `generate` starts and stops on
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         save_file(family.to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer_files(tokenizer, tmp)
         tmp.rename(out_dir)

@@ -153,7 +153,7 @@ def model_node(config: dict) -> dict:
                    "n_routed_experts": config.get("num_experts", 60), "n_experts_per_tok": K,
                    "n_shared_experts": shared_size // moe_size, "expert_hidden_dim": moe_size,
                    "norm_topk_prob": config.get("norm_topk_prob", False), "routed_scaling_factor": 1.0,
-                   "aux_loss_coef": config.get("router_aux_loss_coef", 0.001) * K / config.get("num_hidden_layers", 24),
+                   "aux_loss_coef": config.get("router_aux_loss_coef", 0.001) * K / config["num_hidden_layers"],
                    "seq_aux": True}
     recorded = config.get(LLMTRAIN_KEY) or {}
     node["attention"] |= recorded.get("attention", {})

@@ -26,9 +26,10 @@ log-probs stored at generation time. Variants whose math differs subclass one pi
 (with scale_rewards="none" by default). The reference is a frozen copy of the starting policy
 (none when kl_coef = 0), moved to the policy's weights at every step that is a positive multiple
 of `sync_interval`: θ_ref <- α θ + (1 - α) θ_ref with α = `sync_alpha` (1, a hard copy, by default,
-as in DeepSeekMath's iterative GRPO; TRL's TR-DPO-style `ref_model_mixup_alpha` defaults to 0.6). After its first sync it is no longer the starting policy, so
-checkpoints from then on also hold it (strategy.safetensors, with the rollouts buffered for
-num_iterations > 1): resume is exact from any step.
+as in DeepSeekMath's iterative GRPO; TRL's TR-DPO-style `ref_model_mixup_alpha` defaults to 0.6).
+After its first sync it is no longer the starting policy, so checkpoints from then on also hold it
+(strategy.safetensors, with the rollouts buffered for num_iterations > 1): resume is exact from any
+step.
 
 GSPO (Zheng et al. 2025, arXiv:2507.18071; `importance_sampling_level="sequence"`, TRL's option of
 that name) clips one ratio per completion, the exponential of its mean token log-ratio,
@@ -56,9 +57,10 @@ Metrics: `reward` (mean weighted summed reward), `reward_std` (mean over groups 
 group std of that reward: 0 means no group carried a learning signal), `frac_reward_zero_std` (the
 share of groups whose G rewards are all equal, hence zero advantage), `rewards/<name>` (mean raw
 reward of each function), `kept_groups` (only with filter_groups), `kl` (token-weighted masked
-mean of k3 over the loss's tokens, only when kl_coef > 0), `completion_length` (mean completion tokens,
-EOS included), `clip_ratio` (fraction of the loss's tokens whose clipped term is active: ratio < 1 - clip_eps with
-A < 0, or > 1 + clip_eps_high with A > 0), `truncated` (share of completions without EOS).
+mean of k3 over the loss's tokens, only when kl_coef > 0), `completion_length` (mean completion
+tokens, EOS included), `clip_ratio` (fraction of the loss's tokens whose clipped term is active:
+ratio < 1 - clip_eps with A < 0, or > 1 + clip_eps_high with A > 0), `truncated` (share of
+completions without EOS).
 
 `share_prompt` (on by default) computes each group's prompt once, into a KV cache that the G
 completions then attend to, each also to itself only (llmtrain.strategies.rollout.
