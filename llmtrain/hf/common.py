@@ -58,6 +58,16 @@ def load_renamed(state: dict[str, Tensor], model: Transformer, hf_name: Callable
     assert not unexpected and all(name.startswith(THINKING_PREFIX) for name in missing), (missing, unexpected)
 
 
+def rope_scaling(config: dict) -> dict:
+    """A config.json's RoPE scaling, {} for none: `rope_scaling` (transformers 4.x) or else `rope_parameters`
+    (5.x), where a `rope_type` (4.x also `type`) of "default" means plain RoPE in either."""
+    for key, default in (("rope_scaling", None), ("rope_parameters", "default")):
+        scaling = config.get(key) or {}
+        if scaling and scaling.get("rope_type", scaling.get("type", default)) != "default":
+            return scaling
+    return {}
+
+
 def base_config(model: Transformer, bos_token_id: int | None, eos_token_id: int | None,
                 pad_token_id: int | None) -> dict:
     """The config.json keys every exported family shares: sizes of the trunk, norms, RoPE, tokens."""

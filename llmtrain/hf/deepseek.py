@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, untied_state
+from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, rope_scaling, untied_state
 from llmtrain.models.attention_mla import MLAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
@@ -148,7 +148,7 @@ def model_node(config: dict) -> dict:
     """
     n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
     rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    scaling = rope_scaling(config)
     found = {   # config.json key -> (its value, whether llmtrain reproduces it)
         "rope_interleave": (config.get("rope_interleave", True), config.get("rope_interleave", True) is False),
         "first_k_dense_replace": (config.get("first_k_dense_replace"),

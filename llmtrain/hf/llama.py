@@ -8,7 +8,7 @@ on q/k/v (and none on o_proj), which is what GQAttention(bias=True) builds.
 
 from torch import Tensor
 
-from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, untied_state
+from llmtrain.hf.common import base_config, load_renamed, pop_tied_head, rope_scaling, untied_state
 from llmtrain.models.attention_gqa import GQAttention
 from llmtrain.models.ffn import SwiGLU
 from llmtrain.models.transformer import Transformer
@@ -119,7 +119,7 @@ def model_node(config: dict) -> dict:
     qwen2 = config["architectures"][0] == "Qwen2ForCausalLM"
     rope = config.get("rope_parameters") or {}
     theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    scaling = rope_scaling(config)
     found = {   # config.json key -> (its value, whether llmtrain can reproduce it)
         "hidden_act": (config.get("hidden_act", "silu"), config.get("hidden_act", "silu") == "silu"),
         "rope_scaling": (scaling, not scaling),

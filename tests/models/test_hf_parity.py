@@ -110,6 +110,24 @@ def test_config_carries_non_default_values():
     assert cfg["tie_word_embeddings"] is True and cfg["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.parametrize("extra, refused", [
+    ({"rope_scaling": {"rope_type": "default"}}, False),
+    ({"rope_scaling": {"type": "default"}}, False),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, True),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, True),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, True),
+])
+def test_import_takes_plain_rope_however_it_is_spelled_and_refuses_scaling(extra, refused):
+    from llmtrain.hf import llama
+
+    config = llama_config(random_model(tied=True, bias=False)) | extra
+    if refused:
+        with pytest.raises(ValueError, match="rope_scaling="):
+            llama.model_node(config)
+    else:
+        assert llama.model_node(config)["rope_theta"] == 1e6
+
+
 def test_shape_mismatch_names_tensor_and_shapes():
     state = to_hf_state_dict(random_model(tied=True, bias=False))
     state["model.norm.weight"] = torch.ones(65)
