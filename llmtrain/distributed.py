@@ -183,10 +183,9 @@ class FSDP(Distributed):
         disable_weight_copies(model)   # the gathered weights change behind their version counters
         if self.mesh is None:          # one mesh for the policy and the reference: their shards match
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        mesh = self.mesh
         for block in model.layers:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard_after_forward)
         # FSDP2 allocates the buffers it all-gathers into at the first forward; GRPO's first forward is
         # a rollout under inference mode, whose inference-tensor buffers a training forward then cannot
         # fill ("Inplace update to inference tensor outside InferenceMode"): allocate them now.

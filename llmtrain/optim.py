@@ -54,7 +54,7 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], rules: Se
         if not group["params"] and not rule.get("optional", False):
             log.warning("optimizer.groups pattern %r matches no parameter of this model, so its settings apply "
                         "to nothing (names look like %r; mark the rule optional: true if it is meant for other "
-                        "models)", rule["pattern"], next(iter(n for g in groups for n in g["names"]), ""))
+                        "models)", rule["pattern"], next((n for g in groups for n in g["names"]), ""))
     return [g for g in groups if g["params"]]
 
 

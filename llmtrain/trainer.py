@@ -112,8 +112,8 @@ def check_settings(max_steps: int | None = None, epochs: int | None = None, accu
 
 
 def plan_steps(max_steps: int | None, epochs: int | None, batches_per_epoch: int, accumulation_steps: int) -> int:
-    """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first."""
-    check_settings(max_steps=max_steps, epochs=epochs)
+    """Optimizer steps of the run: `max_steps`, or `epochs` full epochs, whichever ends first (the
+    values as `check_settings` let them through)."""
     if batches_per_epoch < 1:
         raise ValueError("the training split holds no full batch: lower data.batch_size or add data")
     per_epoch = math.ceil(batches_per_epoch / accumulation_steps)   # a short last window still steps

@@ -62,7 +62,7 @@ class TextFiles(Splits):
         n_train = training_rows(rows_NT, len(rows_NT) - n_eval, self.tokenizer.eos_id, n_eval)
         if n_train < self.batch_size:
             raise ValueError(f"data.paths hold {len(rows_NT)} rows of {self.seq_len} tokens: too few for one "
-                             f"training batch of {self.batch_size} after holding out {n_eval} (and {len(rows_NT) - n_eval - n_train} "
-                             "more, so that no document is on both sides)")
+                             f"training batch of {self.batch_size} after holding out {n_eval} (and "
+                             f"{len(rows_NT) - n_eval - n_train} more, so that no document is on both sides)")
         self.train = RowBatches(rows_NT[:n_train], self.batch_size, self.seed)
         self.eval = RowBatches(rows_NT[-n_eval:], self.eval_batch_size, self.seed)

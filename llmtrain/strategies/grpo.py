@@ -44,8 +44,8 @@ training rollout keeps only the groups whose weighted reward varies before the l
 keeps all); there is no refill, so the loss batch shrinks and the data's batch size is the
 oversampling knob (a micro-batch in which no group varies keeps its first group, whose only
 gradient is the KL's). The reward, length and truncation metrics still describe every sampled
-completion (`kl` and `clip_ratio` the tokens the loss saw); `kept_groups`
-is the fraction of groups the loss saw.
+completion (`kl` and `clip_ratio` the tokens the loss saw); `kept_groups` is the fraction of
+groups the loss saw.
 
 Overlong filtering (DAPO, `mask_truncated_completions=True`; TRL's option of that name): a
 completion that reached `max_new_tokens` without EOS was cut, so its tokens carry no verdict on a
@@ -156,7 +156,7 @@ class GRPO(Strategy):
         self.names = [reward_name(fn) for fn in rewards]
         weights = [1.0] * len(self.names) if reward_weights is None else [float(w) for w in reward_weights]
         _validate(self.names, weights, group_size, max_new_tokens, temperature, clip_eps, clip_eps_high, kl_coef,
-                  sync_interval, num_iterations)
+                  sync_interval, sync_alpha, num_iterations)
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"strategy.importance_sampling_level={importance_sampling_level!r} must be "
                              "'token' (GRPO) or 'sequence' (GSPO)")
@@ -166,8 +166,6 @@ class GRPO(Strategy):
         self.sequence_level, self.scale_rewards = importance_sampling_level == "sequence", scale_rewards
         self.weights_K, self.group_size, self.max_new_tokens = torch.tensor(weights), group_size, max_new_tokens
         self.temperature, self.clip_low, self.clip_high = temperature, clip_eps, clip_eps_high
-        if not 0 < sync_alpha <= 1:
-            raise ValueError(f"strategy.sync_alpha={sync_alpha} must be in (0, 1] (1 = hard copy)")
         self.kl_coef, self.sync_interval, self.filter_groups = kl_coef, sync_interval, filter_groups
         self.sync_alpha = sync_alpha
         self.mask_truncated = mask_truncated_completions
@@ -317,8 +315,9 @@ class GRPO(Strategy):
         loss_tokens = totals.pop("loss_tokens")
         sampled, sampled_tokens = totals.pop("sampled"), totals.pop("sampled_tokens")
         per_sample = {k: v / sampled for k, v in totals.items() if k == "reward" or k.startswith("rewards/")}
-        per_token = {k: totals[k] / max(tokens, 1.0) for k in ("thinking_fraction",) if k in totals}
-        per_token |= {k: totals[k] / max(loss_tokens, 1.0) for k in ("kl", "clip_ratio") if k in totals}
+        per_token = {k: totals[k] / max(loss_tokens, 1.0) for k in ("kl", "clip_ratio") if k in totals}
+        if "thinking_fraction" in totals:                        # of every completion token, as sampled
+            per_token["thinking_fraction"] = totals["thinking_fraction"] / max(tokens, 1.0)
         kept = {"kept_groups": completions / sampled} if self.filter_groups else {}
         if "truncated" in totals:
             totals["truncated"] /= sampled
@@ -330,7 +329,7 @@ class GRPO(Strategy):
 
 def _validate(names: list[str], weights: list[float], group_size: int, max_new_tokens: int, temperature: float,
               clip_eps: float, clip_eps_high: float, kl_coef: float, sync_interval: int | None,
-              num_iterations: int) -> None:
+              sync_alpha: float, num_iterations: int) -> None:
     if not names or len(set(names)) != len(names) or len(weights) != len(names):
         raise ValueError(f"strategy.rewards needs distinct reward functions (got names {names}) and as many "
                          f"strategy.reward_weights (got {weights})")
@@ -344,3 +343,5 @@ def _validate(names: list[str], weights: list[float], group_size: int, max_new_t
                          f"clip_eps_high={clip_eps_high}, kl_coef={kl_coef}")
     if sync_interval is not None and sync_interval < 1:
         raise ValueError(f"strategy.sync_interval={sync_interval} must be >= 1 or null (never)")
+    if not 0 < sync_alpha <= 1:
+        raise ValueError(f"strategy.sync_alpha={sync_alpha} must be in (0, 1] (1 = hard copy)")
